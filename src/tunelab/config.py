@@ -1,0 +1,46 @@
+"""Service configuration: every setting and default in one place (env prefix ``TUNELAB_``)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNELAB_", extra="forbid")
+
+    data_dir: Path = Field(default=Path("~/.tunelab"), description="Database, blobs and job outputs.")
+    cache_dir: Path = Field(
+        default=Path("~/.cache/tunelab"),
+        description="Per-user cache shared by every data dir: imported base models, token encodings.",
+    )
+    api_key: str | None = Field(default=None, description="API key; generated on first start if unset.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/tunelab.db."
+    )
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Largest accepted upload.")
+    worker_poll_seconds: float = Field(default=1.0, description="How often an idle worker looks for jobs.")
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' for training and serving.")
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @cached_property
+    def cache_path(self) -> Path:
+        return self.cache_dir.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'tunelab.db'}"
+
+    @property
+    def blob_path(self) -> Path:
+        return self.data_path / "files"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.data_path / "jobs"
