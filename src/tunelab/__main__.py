@@ -1,0 +1,3 @@
+from tunelab.cli import app
+
+app(prog_name="tunelab")

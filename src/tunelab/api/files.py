@@ -1,0 +1,113 @@
+"""/files: upload, list, retrieve, content, delete; fine-tune uploads are validated on arrival."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from tunelab.api.deps import State
+from tunelab.api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from tunelab.api.protocol import FileDeleted, FileObject, ListPage
+from tunelab.store.blobs import TooLarge
+from tunelab.store.db import new_id, now
+from tunelab.store.tables import FileRow
+
+router = APIRouter(tags=["files"])
+
+UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals", "vision")
+CHUNK = 1024 * 1024
+
+
+def get_file(state: State, file_id: str) -> FileRow:
+    row = state.store.get(FileRow, file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return row
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(CHUNK):
+        yield chunk
+
+
+@router.post("/files")
+async def create_file(
+    request: Request, state: State, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> FileObject:
+    limit = state.settings.max_upload_bytes
+    if int(request.headers.get("content-length") or 0) > limit + CHUNK:  # reject before reading
+        raise PayloadTooLarge(f"File is larger than the {limit}-byte limit.", param="file")
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}.", param="purpose"
+        )
+    file_id = new_id("file")
+    try:
+        size = await state.blobs.write_stream(file_id, _chunks(file), limit)
+    except TooLarge:
+        raise PayloadTooLarge(f"File is larger than the {limit}-byte limit.", param="file") from None
+    row = FileRow(
+        id=file_id, created_at=now(), filename=file.filename or "upload", purpose=purpose, bytes=size,
+        status="processed" if purpose != "fine-tune" else "uploaded", blob=file_id,
+    )
+    if purpose == "fine-tune":
+        report = await run_in_threadpool(_validate, state, file_id)
+        row.validation = report.to_dict()
+        row.status = "processed" if report.valid else "error"
+        row.status_details = None if report.valid else report.summary()
+    state.store.add(row)
+    return FileObject.from_row(row)
+
+
+def _validate(state: State, file_id: str):  # -> FileReport; data/ is imported lazily (heavy tokenizers)
+    from tunelab.data.validate import validate_file
+
+    return validate_file(state.blobs.path(file_id))
+
+
+@router.get("/files")
+def list_files(
+    state: State,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> ListPage[FileObject]:
+    where = [FileRow.purpose == purpose] if purpose else []
+    rows, more = state.store.page(FileRow, after=after, limit=limit, newest_first=order == "desc", where=where)
+    return ListPage.of([FileObject.from_row(r) for r in rows], more)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(state: State, file_id: str) -> FileObject:
+    return FileObject.from_row(get_file(state, file_id))
+
+
+@router.get("/files/{file_id}/content")
+def file_content(state: State, file_id: str) -> FileResponse:
+    row = get_file(state, file_id)
+    return FileResponse(state.blobs.path(row.blob), media_type="application/octet-stream", filename=row.filename)
+
+
+@router.get("/files/{file_id}/validation")
+def file_validation(state: State, file_id: str) -> dict:
+    """tunelab extension: the whole validation report of a fine-tune file."""
+    row = get_file(state, file_id)
+    if row.validation is None:
+        raise NotFound(f"File {file_id} has no validation report (purpose '{row.purpose}').", param="file_id")
+    return row.validation
+
+
+@router.delete("/files/{file_id}")
+def delete_file(state: State, file_id: str) -> FileDeleted:
+    row = get_file(state, file_id)
+    busy = state.store.active_job_using(file_id)
+    if busy:
+        raise Conflict(f"File {file_id} is in use by fine-tuning job {busy}; cancel it first.", param="file_id")
+    state.store.delete(FileRow, file_id)
+    state.blobs.delete(row.blob)
+    return FileDeleted(id=file_id)

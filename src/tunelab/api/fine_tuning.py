@@ -1,0 +1,115 @@
+"""/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints.
+
+The API never trains: a job is a row that a worker process claims once it is ``queued``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from tunelab.api.deps import State
+from tunelab.api.errors import InvalidRequest, NotFound
+from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
+from tunelab.store.db import ACTIVE_JOB_STATES, new_id, now
+from tunelab.store.tables import FileRow, JobRow, ModelRow
+
+router = APIRouter(tags=["fine-tuning"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def get_job(state: State, job_id: str) -> JobRow:
+    row = state.store.get(JobRow, job_id)
+    if row is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return row
+
+
+def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
+    row = state.store.get(FileRow, file_id)
+    if row is None:
+        raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="file_not_found")
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(
+            f"File {file_id} has purpose '{row.purpose}'; upload it with purpose 'fine-tune'.", param=param
+        )
+    return row
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
+    base = state.store.get(ModelRow, body.model)
+    if base is None or base.kind != "base":
+        known = ", ".join(m.id for m in state.store.models(kind="base"))
+        raise InvalidRequest(
+            f"Model {body.model} is not a base model tunelab can fine-tune (available: {known}).",
+            param="model", code="model_not_available",
+        )
+    if body.integrations:
+        raise InvalidRequest("Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations")
+    files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
+    if body.validation_file:
+        files["validation_file"] = _fine_tune_file(state, body.validation_file, "validation_file")
+
+    job = JobRow(
+        id=new_id("ftjob"), created_at=now(), model=body.model, training_file=body.training_file,
+        validation_file=body.validation_file, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix, user_metadata=body.metadata, method={"type": "supervised"},
+        hyperparameters=body.resolved_hyperparameters(), status="validating_files", result_files=[],
+    )
+    state.store.add(job)
+    state.store.add_event(job.id, f"Validating training file: {body.training_file}" + (
+        f" and validation file: {body.validation_file}" if body.validation_file else ""))
+    _finish_validation(state, job, files)
+    return FineTuningJob.from_row(state.store.get(JobRow, job.id))
+
+
+def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> None:
+    """Files were validated on upload: fail the job on the first bad file, else queue it."""
+    for param, f in files.items():
+        if f.status != "processed":
+            what = "training" if param == "training_file" else "validation"
+            message = f"The {what} file {f.id} has errors: {f.status_details or 'it was not processed'}"
+            error = {"code": f"invalid_{param}", "message": message, "param": param}
+            state.store.update_job(job.id, status="failed", error=error, finished_at=now())
+            state.store.add_event(job.id, message, level="error")
+            return
+    state.store.update_job(job.id, only_if_status=["validating_files"], status="queued")
+    state.store.add_event(job.id, "Files validated, moving job to queued state")
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(state: State, after: str | None = None, limit: Limit = 20) -> ListPage[FineTuningJob]:
+    rows, more = state.store.page(JobRow, after=after, limit=limit)
+    return ListPage.of([FineTuningJob.from_row(r) for r in rows], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(state: State, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_row(get_job(state, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(state: State, job_id: str) -> FineTuningJob:
+    job = get_job(state, job_id)
+    # The worker polls the status and stops within a step; the conditional update loses no race.
+    if not state.store.update_job(job_id, only_if_status=ACTIVE_JOB_STATES, status="cancelled", finished_at=now()):
+        raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
+    state.store.add_event(job_id, "Job cancellation requested")
+    return FineTuningJob.from_row(get_job(state, job_id))
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_events(state: State, job_id: str, after: str | None = None, limit: Limit = 20) -> ListPage[JobEvent]:
+    get_job(state, job_id)
+    rows, more = state.store.events(job_id, after=after, limit=limit)
+    return ListPage.of([JobEvent.from_row(r) for r in rows], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(state: State, job_id: str, after: str | None = None, limit: Limit = 10) -> ListPage[JobCheckpoint]:
+    get_job(state, job_id)
+    rows, more = state.store.checkpoints(job_id, after=after, limit=limit)
+    return ListPage.of([JobCheckpoint.from_row(r) for r in rows], more)

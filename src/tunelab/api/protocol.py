@@ -1,0 +1,304 @@
+"""Wire types: what goes over HTTP, in the order the OpenAI API reference lists the fields.
+
+Reference: https://platform.openai.com/docs/api-reference (files, fine-tuning, models, chat) and
+Azure's Cognitive Services deployments REST API (management plane). tunelab extensions are
+marked. Database rows never cross the HTTP boundary: the ``from_row`` helpers convert explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow
+
+T = TypeVar("T")
+Auto = Literal["auto"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def of(cls, items: list[Any], has_more: bool = False) -> "ListPage[Any]":
+        ids = [getattr(i, "id", None) for i in items]
+        return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)
+
+
+# -- files ---------------------------------------------------------------------------------------
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+
+    @classmethod
+    def from_row(cls, row: FileRow) -> "FileObject":
+        return cls(
+            id=row.id,
+            bytes=row.bytes,
+            created_at=row.created_at,
+            filename=row.filename,
+            purpose=row.purpose,
+            status=row.status,
+            status_details=row.status_details,
+        )
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+class Hyperparameters(Strict):
+    batch_size: int | Auto = Field(default="auto", description="Examples per optimizer step.")
+    learning_rate_multiplier: float | Auto = Field(default="auto", description="Times the method's base LR.")
+    n_epochs: int | Auto = Field(default="auto", description="Passes over the training file.")
+    # tunelab extensions
+    lora_rank: int | None = Field(default=None, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    lora_alpha: int | None = Field(default=None, gt=0)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+
+
+class Supervised(Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(Strict):
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised | None = None
+
+
+class CreateJobRequest(Strict):
+    model: str
+    training_file: str
+    hyperparameters: Hyperparameters | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: Method | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    suffix: str | None = Field(default=None, max_length=64)
+    validation_file: str | None = None
+
+    def resolved_hyperparameters(self) -> dict[str, Any]:
+        """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.supervised``."""
+        merged = Hyperparameters()
+        for source in (self.hyperparameters, self.method and self.method.supervised and self.method.supervised.hyperparameters):
+            if source is not None:
+                merged = merged.model_copy(update=source.model_dump(exclude_unset=True))
+        return merged.model_dump()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str = "org-tunelab"
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    user_provided_suffix: str | None = None
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> "FineTuningJob":
+        openai_hp = {k: row.hyperparameters.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        return cls(
+            id=row.id,
+            created_at=row.created_at,
+            error=JobError(**row.error) if row.error else None,
+            fine_tuned_model=row.fine_tuned_model,
+            finished_at=row.finished_at,
+            hyperparameters=openai_hp,
+            model=row.model,
+            result_files=list(row.result_files or []),
+            seed=row.seed,
+            status=row.status,
+            trained_tokens=row.trained_tokens,
+            training_file=row.training_file,
+            validation_file=row.validation_file,
+            integrations=list(row.integrations or []) or None,
+            metadata=row.user_metadata,
+            method={"type": "supervised", "supervised": {"hyperparameters": dict(row.hyperparameters)}},
+            user_provided_suffix=row.suffix,
+        )
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None = None
+    type: str
+
+    @classmethod
+    def from_row(cls, row: EventRow) -> "JobEvent":
+        return cls(
+            id=row.id, created_at=row.created_at, level=row.level, message=row.message, data=row.data, type=row.type
+        )
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, float | None]
+    step_number: int
+
+    @classmethod
+    def from_row(cls, row: ModelRow) -> "JobCheckpoint":
+        return cls(
+            id=row.checkpoint_id or row.id,
+            created_at=row.created_at,
+            fine_tuned_model_checkpoint=row.id,
+            fine_tuning_job_id=row.job_id or "",
+            metrics=dict(row.metrics or {}),
+            step_number=row.step or 0,
+        )
+
+
+# -- models --------------------------------------------------------------------------------------
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # tunelab extensions
+    kind: str
+    base_model: str | None = None
+
+    @classmethod
+    def from_row(cls, row: ModelRow) -> "ModelObject":
+        return cls(id=row.id, created=row.created_at, owned_by=row.owned_by, kind=row.kind, base_model=row.base_model)
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+# -- chat completions ----------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class ChatCompletionRequest(Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, str] | None = None
+    n: int = Field(default=1, ge=1, le=8)
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+# -- Azure management plane ----------------------------------------------------------------------
+class DeploymentModel(BaseModel):
+    format: str = "OpenAI"
+    name: str
+    version: str = "1"
+
+
+class DeploymentProperties(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: DeploymentModel
+
+
+class DeploymentSku(BaseModel):
+    name: str = "standard"
+    capacity: int = 1
+
+
+class DeploymentRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Azure clients send tags, identity, etc.
+    sku: DeploymentSku = Field(default_factory=DeploymentSku)
+    properties: DeploymentProperties
+
+
+class Deployment(BaseModel):
+    id: str
+    type: str = "Microsoft.CognitiveServices/accounts/deployments"
+    name: str
+    sku: DeploymentSku
+    properties: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: DeploymentRow) -> "Deployment":
+        props: dict[str, Any] = {
+            "model": {"format": row.model_format, "name": row.model, "version": row.model_version},
+            "provisioningState": row.state,
+        }
+        if row.error:
+            props["error"] = {"code": "DeploymentFailed", "message": row.error}
+        return cls(id=f"{row.scope}/deployments/{row.name}", name=row.name, sku=DeploymentSku(**row.sku), properties=props)

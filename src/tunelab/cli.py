@@ -1,0 +1,124 @@
+"""The ``tunelab`` command: serve, worker, models, data."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from tunelab.config import Settings
+
+app = typer.Typer(help="Fine-tune and serve open-weight language models behind an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="The model catalogue: base models you can fine-tune and serve.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")]
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    return Settings(data_dir=data_dir) if data_dir else Settings()
+
+
+def _store(settings: Settings):
+    from tunelab.models.catalog import ensure_bundled
+    from tunelab.store import Store
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    ensure_bundled(store)
+    return store
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: DataDir = None,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run an embedded training worker.")] = True,
+) -> None:
+    """Run the API server (and, by default, a training worker beside it)."""
+    import uvicorn
+
+    from tunelab.api.app import create_app, resolve_api_key
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(data_dir)
+    key, generated = resolve_api_key(settings, _store(settings))
+    if generated:
+        console.print(f"[bold]Generated API key[/bold] (stored in {settings.data_path}): {key}")
+    if worker:
+        # A separate process: training must not compete with the server's event loop for the GIL.
+        cmd = [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(settings.data_path)]
+        child = subprocess.Popen(cmd)
+        atexit.register(child.terminate)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def worker_cmd(data_dir: DataDir = None) -> None:
+    """Run a training worker: claims queued jobs from the store and trains them."""
+    from tunelab.training.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(data_dir)
+    _store(settings)
+    try:
+        Worker(settings).run_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+@models_app.command("list")
+def models_list(data_dir: DataDir = None) -> None:
+    """List every model: base, fine-tuned and checkpoints."""
+    for row in _store(_settings(data_dir)).models():
+        typer.echo(f"{row.id}\t{row.kind}\t{row.path or '(bundled)'}")
+
+
+@models_app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config.json, weights, tokenizer).")],
+    model_id: Annotated[str, typer.Option("--id", help="The id clients will use.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Register a local HF-format folder as a base model."""
+    from tunelab.models.catalog import add_local
+
+    try:
+        row = add_local(_store(_settings(data_dir)), path, model_id)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(f"added {row.id} -> {row.path}")
+
+
+@models_app.command("path")
+def models_path(model_id: str, data_dir: DataDir = None) -> None:
+    """Print a base model's local HF folder (importing the bundled model if needed)."""
+    from tunelab.models.catalog import ModelNotFound, base_model_dir
+
+    settings = _settings(data_dir)
+    try:
+        typer.echo(str(base_model_dir(_store(settings), model_id, settings.cache_path)))
+    except ModelNotFound:
+        console.print(f"[red]error:[/red] no base model {model_id!r} (see `tunelab models list`)")
+        raise typer.Exit(2) from None
+
+
+def _mount_data() -> None:
+    try:
+        from tunelab.cli_data import app as data_app
+    except ImportError:  # pragma: no cover - the data CLI ships with the package
+        return
+    app.add_typer(data_app, name="data")
+
+
+_mount_data()

@@ -1,0 +1,73 @@
+"""The base-model catalogue: which models can be fine-tuned or served, and where their weights are.
+
+Rows live in the store's ``models`` table: the bundled model (weights imported lazily into the
+per-user cache), local HF folders added by ``tunelab models add``, and fine-tuned models and
+checkpoints written by jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.models.bundled import BUNDLED_ID, bundled_model_dir
+from tunelab.store import Store
+from tunelab.store.db import now
+from tunelab.store.tables import ModelRow
+
+if TYPE_CHECKING:
+    from tunelab.serving.engine import ServedModel
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+def ensure_bundled(store: Store) -> None:
+    if store.get(ModelRow, BUNDLED_ID) is None:
+        store.add(ModelRow(id=BUNDLED_ID, created_at=now(), kind="base", owned_by="tunelab", path=None))
+
+
+def add_local(store: Store, path: Path, model_id: str) -> ModelRow:
+    """Register a local HF-format folder as a base model.
+
+    Raises:
+        ValueError: the folder has no ``config.json`` or the id is taken.
+    """
+    path = path.expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+    if store.get(ModelRow, model_id) is not None:
+        raise ValueError(f"a model with id {model_id!r} already exists")
+    return store.add(ModelRow(id=model_id, created_at=now(), kind="base", owned_by="user", path=str(path)))
+
+
+def base_model_dir(store: Store, model_id: str, cache_dir: Path) -> Path:
+    """Local HF folder of a base model (imports the bundled model on first use)."""
+    row = store.get(ModelRow, model_id)
+    if row is None or row.kind != "base":
+        raise ModelNotFound(model_id)
+    if row.path is None:
+        return bundled_model_dir(cache_dir)
+    return Path(row.path)
+
+
+def max_context(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("max_position_embeddings")
+
+
+def served_model(store: Store, model_id: str, cache_dir: Path) -> "ServedModel":
+    """What the engine must load to serve ``model_id`` (base, fine-tuned model or checkpoint)."""
+    from tunelab.serving.engine import ServedModel
+
+    row = store.get(ModelRow, model_id)
+    if row is None:
+        raise ModelNotFound(model_id)
+    if row.kind == "base":
+        return ServedModel(model_id, base_model_dir(store, model_id, cache_dir))
+    assert row.path is not None and row.base_model is not None
+    if row.method == "full":
+        return ServedModel(model_id, Path(row.path))
+    return ServedModel(model_id, base_model_dir(store, row.base_model, cache_dir), adapter_dir=Path(row.path))

@@ -1,0 +1,94 @@
+"""Deployments: named handles on served models, loaded into the engine in the background.
+
+A deployment row is the source of truth (any server process can serve it: the engine loads it
+on first use); this process's engine holds the weights. State goes Creating → Succeeded | Failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from tunelab.models.catalog import ModelNotFound, served_model
+from tunelab.serving.engine import Engine
+from tunelab.store import Store
+from tunelab.store.db import now
+from tunelab.store.tables import DeploymentRow, ModelRow
+
+log = logging.getLogger("tunelab.deployments")
+
+
+class DeploymentNotFound(LookupError):
+    pass
+
+
+class DeploymentFailed(RuntimeError):
+    pass
+
+
+class Deployer:
+    def __init__(self, store: Store, engine: Engine, cache_dir: Path) -> None:
+        self.store, self.engine, self.cache_dir = store, engine, cache_dir
+
+    def create(self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict) -> tuple[DeploymentRow, bool]:
+        """Create or replace deployment ``name``; returns (row, created).
+
+        Raises:
+            ModelNotFound: ``model`` is no known model id.
+        """
+        if self.store.get(ModelRow, model) is None:
+            raise ModelNotFound(model)
+        old = self.store.get(DeploymentRow, name)
+        if old is not None and old.model != model:
+            self._release(old.model, keep=name)
+        row = DeploymentRow(
+            name=name, scope=scope, created_at=old.created_at if old else now(), model=model,
+            model_format=fmt, model_version=version, sku=sku, state="Creating",
+        )
+        self.store.put_deployment(row)
+        threading.Thread(target=self._load, args=(name, model), daemon=True).start()
+        return row, old is None
+
+    def delete(self, name: str) -> DeploymentRow:
+        row = self.store.get(DeploymentRow, name)
+        if row is None:
+            raise DeploymentNotFound(name)
+        self.store.delete(DeploymentRow, name)
+        self._release(row.model, keep=None)
+        return row
+
+    def resolve(self, name: str) -> str:
+        """The model id to generate with for ``name``: a deployment, else a model id itself.
+
+        Loads the model into this process's engine if needed (blocking).
+
+        Raises:
+            DeploymentNotFound: neither a deployment nor a model.
+            DeploymentFailed: the deployment failed to load.
+        """
+        row = self.store.get(DeploymentRow, name)
+        if row is not None:
+            if row.state == "Failed":
+                raise DeploymentFailed(row.error or "the deployment failed")
+            model = row.model
+        elif self.store.get(ModelRow, name) is not None:
+            model = name  # serverless-style: call any model by id, as OpenAI does for ft: models
+        else:
+            raise DeploymentNotFound(name)
+        self.engine.load(served_model(self.store, model, self.cache_dir))
+        return model
+
+    def _load(self, name: str, model: str) -> None:
+        try:
+            self.engine.load(served_model(self.store, model, self.cache_dir))
+        except Exception as exc:  # the state carries the reason to the client
+            log.exception("deployment %s failed", name)
+            self.store.set_deployment_state(name, "Failed", f"could not load {model}: {exc}")
+            return
+        self.store.set_deployment_state(name, "Succeeded")
+
+    def _release(self, model: str, keep: str | None) -> None:
+        """Unload ``model`` unless another deployment still serves it."""
+        if not any(d.model == model and d.name != keep for d in self.store.deployments()):
+            self.engine.unload(model)

@@ -1,0 +1,280 @@
+"""The generation engine: loads served models and generates chat completions.
+
+Many fine-tuned LoRA adapters share one copy of their base model in memory: each base is loaded
+once and wrapped in a ``PeftModel`` holding every adapter deployed on it; a request selects its
+adapter under the base's lock. Full fine-tunes are models of their own. The engine loads
+artefacts only (HF folders and PEFT adapter folders) and never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What to load for one model id: a base (or full fine-tune) folder, plus an optional adapter."""
+
+    model_id: str
+    model_dir: Path
+    adapter_dir: Path | None = None
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    tokens: int
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: dict[str, str | None] = field(default_factory=dict)  # model id -> adapter name
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class Engine:
+    def __init__(self, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self._bases: dict[Path, _Loaded] = {}
+        self._where: dict[str, Path] = {}  # model id -> key into _bases
+        self._lock = threading.Lock()
+
+    def is_loaded(self, model_id: str) -> bool:
+        return model_id in self._where
+
+    def load(self, spec: ServedModel) -> None:
+        """Load ``spec`` (idempotent). Blocking: seconds for small models."""
+        with self._lock:
+            if spec.model_id in self._where:
+                return
+            loaded = self._bases.get(spec.model_dir) or self._load_base(spec.model_dir)
+            self._bases[spec.model_dir] = loaded
+            adapter = None
+            if spec.adapter_dir is not None:
+                adapter = f"a{len(loaded.users)}_{abs(hash(spec.model_id)) % 10**8}"
+                with loaded.lock:
+                    loaded.model = _add_adapter(loaded.model, spec.adapter_dir, adapter)
+            loaded.users[spec.model_id] = adapter
+            self._where[spec.model_id] = spec.model_dir
+
+    def unload(self, model_id: str) -> None:
+        """Forget ``model_id``; the base leaves memory with its last user."""
+        with self._lock:
+            key = self._where.pop(model_id, None)
+            if key is None:
+                return
+            loaded = self._bases[key]
+            adapter = loaded.users.pop(model_id)
+            if adapter is not None:
+                with loaded.lock:
+                    loaded.model.delete_adapter(adapter)
+            if not loaded.users:
+                del self._bases[key]
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def prompt_tokens(self, model_id: str, messages: list[dict]) -> int:
+        loaded, _ = self._get(model_id)
+        return int(self._prompt(loaded, messages).shape[1])
+
+    def generate(self, model_id: str, messages: list[dict], params: SamplingParams) -> tuple[list[Completion], int]:
+        """Return ``params.n`` completions and the prompt's token count."""
+        loaded, adapter = self._get(model_id)
+        with loaded.lock, _selected(loaded.model, adapter):
+            prompt = self._prompt(loaded, messages)
+            _seed(params.seed)
+            out = loaded.model.generate(
+                prompt, **self._generate_kwargs(loaded, prompt, params), num_return_sequences=params.n
+            )
+        completions = [self._finish(loaded, row[prompt.shape[1] :], params) for row in out]
+        return completions, int(prompt.shape[1])
+
+    def stream(self, model_id: str, messages: list[dict], params: SamplingParams) -> Iterator[str | Completion]:
+        """Yield text deltas, then one final ``Completion`` for the whole answer (n is 1)."""
+        from transformers import TextIteratorStreamer
+
+        loaded, adapter = self._get(model_id)
+        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with loaded.lock, _selected(loaded.model, adapter):
+                    _seed(params.seed)
+                    kwargs = self._generate_kwargs(loaded, prompt, params)
+                    result["out"] = loaded.model.generate(prompt, **kwargs, streamer=streamer)
+            except BaseException as exc:  # surfaced to the caller after the stream ends
+                result["error"] = exc
+                streamer.end()
+
+        prompt = self._prompt(loaded, messages)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        held = StopTrimmer(params.stop)
+        for delta in streamer:
+            text = held.feed(delta)
+            if text:
+                yield text
+            if held.stopped:
+                for _ in streamer:  # drain: generate stops by itself at the stop string
+                    pass
+                break
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        tail = held.flush()
+        if tail:
+            yield tail
+        final = self._finish(loaded, result["out"][0][prompt.shape[1] :], params)
+        yield Completion(text=final.text, finish_reason=final.finish_reason, tokens=final.tokens)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _get(self, model_id: str) -> tuple[_Loaded, str | None]:
+        with self._lock:
+            loaded = self._bases[self._where[model_id]]
+            return loaded, loaded.users[model_id]
+
+    def _load_base(self, model_dir: Path) -> _Loaded:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return _Loaded(model=model, tokenizer=tokenizer)
+
+    def _prompt(self, loaded: _Loaded, messages: list[dict]) -> torch.Tensor:
+        ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        return torch.tensor([ids], device=self.device)
+
+    def _generate_kwargs(self, loaded: _Loaded, prompt: torch.Tensor, params: SamplingParams) -> dict[str, Any]:
+        context = loaded.model.config.max_position_embeddings
+        room = context - prompt.shape[1]
+        if room <= 0:
+            raise PromptTooLong(prompt.shape[1], context)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": min(params.max_tokens or room, room),
+            "attention_mask": torch.ones_like(prompt),
+            "pad_token_id": loaded.tokenizer.pad_token_id,
+        }
+        if params.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=params.stop, tokenizer=loaded.tokenizer)
+        return kwargs
+
+    def _finish(self, loaded: _Loaded, tokens: torch.Tensor, params: SamplingParams) -> Completion:
+        tok = loaded.tokenizer
+        ids = tokens.tolist()
+        eos = set(_eos_ids(loaded))
+        # Generated rows of a batch are right-padded with pad (== eos here): cut at the first eos.
+        ended = next((i for i, t in enumerate(ids) if t in eos), None)
+        if ended is not None:
+            ids = ids[: ended + 1]
+        text = tok.decode(ids, skip_special_tokens=True)
+        trimmed = _cut_at_stop(text, params.stop)
+        finish = "stop" if ended is not None or trimmed != text else "length"
+        return Completion(text=trimmed, finish_reason=finish, tokens=len(ids))
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, tokens: int, context: int) -> None:
+        super().__init__(f"the prompt has {tokens} tokens; this model's context is {context} tokens")
+
+
+def _add_adapter(model: Any, adapter_dir: Path, name: str) -> Any:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval()
+
+
+class _selected:
+    """Context manager: route a PeftModel through ``adapter`` (None = the bare base)."""
+
+    def __init__(self, model: Any, adapter: str | None) -> None:
+        self.model, self.adapter, self.ctx = model, adapter, None
+
+    def __enter__(self) -> None:
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            if self.adapter is None:
+                self.ctx = self.model.disable_adapter()
+                self.ctx.__enter__()
+            else:
+                self.model.set_adapter(self.adapter)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _eos_ids(loaded: _Loaded) -> list[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return eos if isinstance(eos, list) else [eos]
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+class StopTrimmer:
+    """Holds back streamed text that might be the start of a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        if not self.stops:
+            return delta
+        self.buffer += delta
+        cut = _cut_at_stop(self.buffer, self.stops)
+        if cut != self.buffer:
+            self.stopped, self.buffer = True, ""
+            return cut
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out

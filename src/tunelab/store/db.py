@@ -1,0 +1,195 @@
+"""The store: every read and write of tunelab's state goes through here.
+
+The API server and the workers are separate processes that meet only in this database, so state
+changes that can race (claiming a job, finishing or cancelling it) are conditional UPDATEs.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from tunelab.store.tables import Base, DeploymentRow, EventRow, FileRow, JobRow, ModelRow, SettingRow
+
+Row = TypeVar("Row", FileRow, JobRow, ModelRow)
+
+ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets the server read while a worker writes; busy_timeout waits out short write locks.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    # -- generic -------------------------------------------------------------------------------
+    def add(self, row: Any) -> Any:
+        with self.session() as s:
+            s.add(row)
+        return row
+
+    def get(self, cls: type[Row], key: str) -> Row | None:
+        with self.session() as s:
+            return s.get(cls, key)
+
+    def delete(self, cls: type, key: str) -> bool:
+        with self.session() as s:
+            row = s.get(cls, key)
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def page(
+        self,
+        cls: type[Row],
+        *,
+        after: str | None,
+        limit: int,
+        newest_first: bool = True,
+        where: Sequence[Any] = (),
+    ) -> tuple[list[Row], bool]:
+        """One page of rows ordered by (created_at, id), after the row with id ``after``."""
+        with self.session() as s:
+            q = select(cls).where(*where)
+            key = (cls.created_at, cls.id)
+            if after is not None:
+                anchor = s.get(cls, after)
+                if anchor is not None:
+                    pivot = (anchor.created_at, anchor.id)
+                    cmp = (
+                        (cls.created_at < pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id < pivot[1]))
+                        if newest_first
+                        else (cls.created_at > pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id > pivot[1]))
+                    )
+                    q = q.where(cmp)
+            order = [k.desc() for k in key] if newest_first else list(key)
+            rows = list(s.scalars(q.order_by(*order).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    # -- settings ------------------------------------------------------------------------------
+    def setting(self, key: str) -> str | None:
+        with self.session() as s:
+            row = s.get(SettingRow, key)
+            return row.value if row else None
+
+    def set_setting_once(self, key: str, value: str) -> str:
+        """Store ``value`` unless the key exists; return the stored value either way."""
+        with self.session() as s:
+            row = s.get(SettingRow, key)
+            if row is None:
+                s.add(SettingRow(key=key, value=value))
+                return value
+            return row.value
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def update_job(self, job_id: str, *, only_if_status: Sequence[str] | None = None, **values: Any) -> bool:
+        """Conditional update; False when the job is gone or not in one of ``only_if_status``."""
+        with self.session() as s:
+            q = update(JobRow).where(JobRow.id == job_id)
+            if only_if_status is not None:
+                q = q.where(JobRow.status.in_(only_if_status))
+            return s.execute(q.values(**values)).rowcount == 1
+
+    def claim_job(self, worker_id: str) -> JobRow | None:
+        """Atomically take the oldest queued job for ``worker_id`` (status becomes running)."""
+        with self.session() as s:
+            candidates = s.scalars(
+                select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.created_at, JobRow.id).limit(5)
+            ).all()
+        for job_id in candidates:
+            if self.update_job(job_id, only_if_status=["queued"], status="running", worker_id=worker_id, started_at=now()):
+                return self.get(JobRow, job_id)
+        return None
+
+    def job_status(self, job_id: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+
+    def active_job_using(self, file_id: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(
+                select(JobRow.id).where(
+                    JobRow.status.in_(ACTIVE_JOB_STATES),
+                    or_(JobRow.training_file == file_id, JobRow.validation_file == file_id),
+                )
+            )
+
+    # -- events --------------------------------------------------------------------------------
+    def add_event(
+        self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> EventRow:
+        row = EventRow(
+            id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
+        )
+        return self.add(row)
+
+    def events(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[EventRow], bool]:
+        with self.session() as s:
+            q = select(EventRow).where(EventRow.job_id == job_id)
+            if after is not None:
+                anchor = s.scalar(select(EventRow.seq).where(EventRow.id == after))
+                if anchor is not None:
+                    q = q.where(EventRow.seq < anchor)
+            rows = list(s.scalars(q.order_by(EventRow.seq.desc()).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    # -- models --------------------------------------------------------------------------------
+    def models(self, **filters: Any) -> list[ModelRow]:
+        with self.session() as s:
+            q = select(ModelRow).filter_by(**filters).order_by(ModelRow.created_at, ModelRow.id)
+            return list(s.scalars(q))
+
+    def checkpoints(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[ModelRow], bool]:
+        with self.session() as s:
+            q = select(ModelRow).where(ModelRow.job_id == job_id, ModelRow.kind == "checkpoint")
+            if after is not None:
+                anchor = s.scalar(select(ModelRow.step).where(ModelRow.checkpoint_id == after))
+                if anchor is not None:
+                    q = q.where(ModelRow.step < anchor)
+            rows = list(s.scalars(q.order_by(ModelRow.step.desc()).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    # -- deployments ---------------------------------------------------------------------------
+    def deployments(self) -> list[DeploymentRow]:
+        with self.session() as s:
+            return list(s.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at)))
+
+    def put_deployment(self, row: DeploymentRow) -> DeploymentRow:
+        with self.session() as s:
+            return s.merge(row)
+
+    def set_deployment_state(self, name: str, state: str, error: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(update(DeploymentRow).where(DeploymentRow.name == name).values(state=state, error=error))

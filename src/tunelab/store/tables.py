@@ -1,0 +1,99 @@
+"""Database rows. Never returned over HTTP: api/protocol.py converts them explicitly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class FileRow(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(64), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(32))  # uploaded | processed | error
+    status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
+    blob: Mapped[str] = mapped_column(String(256))  # path relative to the blob folder
+    validation: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    model: Mapped[str] = mapped_column(String(256))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    method: Mapped[dict[str, Any]] = mapped_column()  # {"type": "supervised", "supervised": {...}}
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()  # requested, then resolved
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    result_files: Mapped[list[Any]] = mapped_column(default=list)
+    integrations: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class EventRow(Base):
+    __tablename__ = "job_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    __table_args__ = (Index("ix_job_events_job_seq", "job_id", "seq"),)
+
+
+class ModelRow(Base):
+    """A servable model: a base model, a fine-tuned model or one of its checkpoints."""
+
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))  # base | fine-tuned | checkpoint
+    owned_by: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)  # None: bundled, resolved lazily
+    base_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    method: Mapped[str | None] = mapped_column(String(16), nullable=True)  # lora | full
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    checkpoint_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # ftckpt-...
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+
+class DeploymentRow(Base):
+    __tablename__ = "deployments"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    scope: Mapped[str] = mapped_column(Text)  # the management-plane path it was created under
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    model: Mapped[str] = mapped_column(String(512))
+    model_format: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    sku: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16))  # Creating | Succeeded | Failed
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SettingRow(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+

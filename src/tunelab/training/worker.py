@@ -1,0 +1,157 @@
+"""The worker: claims queued jobs from the store and runs the training recipe on them.
+
+It meets the API server only through the store: job rows in, events, checkpoints, models and
+result files out. One job at a time per worker; start more workers to train more jobs at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+from tunelab.config import Settings
+from tunelab.models.catalog import base_model_dir, max_context
+from tunelab.store import Store
+from tunelab.store.blobs import BlobStore
+from tunelab.store.db import new_id, now
+from tunelab.store.tables import FileRow, JobRow, ModelRow
+
+log = logging.getLogger("tunelab.worker")
+
+
+class JobHooks:
+    """The recipe's view of the store: events, checkpoints and the cancel flag of one job."""
+
+    def __init__(self, store: Store, job: JobRow, ft_model: str) -> None:
+        self.store, self.job, self.ft_model = store, job, ft_model
+        self._checked, self._stop = 0.0, False
+
+    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        self.store.add_event(self.job.id, message, level=level, type=type, data=data)
+
+    def checkpoint(self, ckpt) -> None:
+        self.store.add(
+            ModelRow(
+                id=f"{self.ft_model}:ckpt-step-{ckpt.step}", created_at=now(), kind="checkpoint", owned_by="user",
+                path=str(ckpt.path), base_model=self.job.model, method=_method(ckpt.path), job_id=self.job.id,
+                step=ckpt.step, checkpoint_id=new_id("ftckpt"), metrics={"step": ckpt.step, **ckpt.metrics},
+            )
+        )
+
+    def checkpoint_deleted(self, ckpt) -> None:
+        self.store.delete(ModelRow, f"{self.ft_model}:ckpt-step-{ckpt.step}")
+
+    def should_stop(self) -> bool:
+        # One indexed read per second at most: cancel lands within a step or a second.
+        if not self._stop and time.monotonic() - self._checked > 1.0:
+            self._checked = time.monotonic()
+            self._stop = self.store.job_status(self.job.id) != "running"
+        return self._stop
+
+
+def _method(folder: Path) -> str:
+    return "lora" if (folder / "adapter_config.json").is_file() else "full"
+
+
+def fine_tuned_model_id(job: JobRow) -> str:
+    return f"ft:{job.model}:{job.suffix or 'tunelab'}:{job.id.removeprefix('ftjob-')[:8]}"
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.db_url)
+        self.blobs = BlobStore(settings.blob_path)
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run_forever(self) -> None:
+        log.info("worker %s polling %s", self.id, self.settings.db_url)
+        while True:
+            if not self.run_once():
+                time.sleep(self.settings.worker_poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when none was queued."""
+        job = self.store.claim_job(self.id)
+        if job is None:
+            return False
+        self._run(job)
+        return True
+
+    def _run(self, job: JobRow) -> None:
+        from tunelab.training.recipe import Cancelled, TrainingError, train
+
+        ft_model = fine_tuned_model_id(job)
+        hooks = JobHooks(self.store, job, ft_model)
+        hooks.event("Fine-tuning job started")
+        try:
+            spec = self._spec(job)
+            self._check_lengths(job, spec, hooks)
+            result = train(spec, hooks)
+        except Cancelled:
+            hooks.event("Fine-tuning job cancelled")
+            return
+        except TrainingError as exc:
+            return self._fail(job, "training_failed", str(exc))
+        except Exception as exc:  # a bug or a broken environment: fail the job, keep the worker
+            log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
+        self._succeed(job, ft_model, result)
+
+    def _spec(self, job: JobRow):
+        from tunelab.training.recipe import TrainSpec
+
+        hp = job.hyperparameters
+        extras = {k: hp[k] for k in ("lora_rank", "lora_alpha", "lora_dropout") if hp.get(k) is not None}
+        return TrainSpec(
+            base_model_dir=base_model_dir(self.store, job.model, self.settings.cache_path),
+            training_file=self.blobs.path(job.training_file),
+            validation_file=self.blobs.path(job.validation_file) if job.validation_file else None,
+            output_dir=self.settings.jobs_path / job.id,
+            seed=job.seed,
+            n_epochs=hp.get("n_epochs", "auto"),
+            batch_size=hp.get("batch_size", "auto"),
+            learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
+            device=self.settings.device,
+            **extras,
+        )
+
+    def _check_lengths(self, job: JobRow, spec, hooks: JobHooks) -> None:
+        """Job-start validation with the base model's own tokenizer: warn what will be truncated."""
+        from transformers import AutoTokenizer
+
+        from tunelab.data.validate import validate_file
+
+        tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
+        report = validate_file(spec.training_file, encodings=(), tokenizer=tokenizer,
+                               max_tokens=max_context(spec.base_model_dir))
+        for warning in report.warnings:
+            hooks.event(f"Training file: {warning.message}", level="warn")
+
+    def _fail(self, job: JobRow, code: str, message: str) -> None:
+        error = {"code": code, "message": message, "param": None}
+        if self.store.update_job(job.id, only_if_status=["running"], status="failed", error=error, finished_at=now()):
+            self.store.add_event(job.id, f"Fine-tuning job failed: {message}", level="error")
+
+    def _succeed(self, job: JobRow, ft_model: str, result) -> None:
+        results_id = new_id("file")
+        size = self.blobs.copy_in(results_id, result.results_csv)
+        self.store.add(FileRow(id=results_id, created_at=now(), filename="results.csv", purpose="fine-tune-results",
+                               bytes=size, status="processed", blob=results_id))
+        self.store.add(ModelRow(id=ft_model, created_at=now(), kind="fine-tuned", owned_by="user",
+                                path=str(result.final_dir), base_model=job.model, method=_method(result.final_dir),
+                                job_id=job.id))
+        done = self.store.update_job(
+            job.id, only_if_status=["running"], status="succeeded", fine_tuned_model=ft_model,
+            trained_tokens=result.trained_tokens, finished_at=now(), result_files=[results_id],
+            hyperparameters={**job.hyperparameters, **result.hyperparameters},
+        )
+        if done:
+            self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
+            self.store.add_event(job.id, "The job has successfully completed")
+        else:  # cancelled in the last moment: keep the outputs out of the catalogue
+            self.store.delete(ModelRow, ft_model)
