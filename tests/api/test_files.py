@@ -1,0 +1,70 @@
+"""Files: upload, list with pagination, retrieve, content, delete, validation on upload."""
+
+import json
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import BASE_MODEL, SAMPLES, start_server, stop_server
+
+
+def test_upload_retrieve_content_delete(client):
+    data = (SAMPLES / "training_set.jsonl").read_bytes()
+    f = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
+    assert f.status == "processed" and f.bytes == len(data) and f.filename == "train.jsonl"
+    assert client.files.retrieve(f.id).id == f.id
+    assert client.files.content(f.id).read() == data
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+def test_list_paginates_until_has_more_is_false(client):
+    ids = {client.files.create(file=(f"n{i}.txt", b"x"), purpose="assistants").id for i in range(3)}
+    seen = [f.id for f in client.files.list(limit=1, purpose="assistants")]  # SDK auto-paging
+    assert ids <= set(seen) and len(seen) == len(set(seen))
+    page = client.files.list(limit=2, order="asc", purpose="assistants")
+    assert page.has_more is True and len(page.data) == 2
+
+
+def test_bad_purpose_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("a.jsonl", b"{}"), purpose="nonsense")
+    assert err.value.body["param"] == "purpose"
+
+
+def test_malformed_jsonl_names_the_line_and_keeps_everything_else(client, lab_files):
+    before = {f.id for f in client.files.list()}
+    lines = (SAMPLES / "training_set.jsonl").read_text().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "unterminated'
+    bad = client.files.create(file=("bad.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    assert bad.status == "error"
+    assert "line 3" in bad.status_details
+    report = requests.get(f"{client.base_url}files/{bad.id}/validation", headers={"api-key": client.api_key}).json()
+    assert report["valid"] is False and report["errors"][0]["line"] == 3
+
+    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=bad.id)
+    assert job.status == "failed"
+    assert job.error.param == "training_file" and "line 3" in job.error.message
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert any("line 3" in m for m in messages)
+
+    # Nothing else was touched: every earlier file is still there and readable.
+    after = {f.id for f in client.files.list()}
+    assert before <= after
+    for file_id in lab_files:
+        assert client.files.retrieve(file_id).status == "processed"
+
+
+def test_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path):
+    srv = start_server(tmp_path / "small", worker=False, env={"TUNELAB_MAX_UPLOAD_BYTES": "1000"})
+    try:
+        client = srv.openai()
+        with pytest.raises(openai.APIStatusError) as err:
+            client.files.create(file=("big.jsonl", json.dumps({"x": "y" * 5000}).encode()), purpose="fine-tune")
+        assert err.value.status_code == 413
+        assert client.files.list().data == []
+        assert [p.name for p in (srv.data_dir / "files").iterdir()] == []
+    finally:
+        stop_server(srv)

@@ -1,0 +1,123 @@
+"""The lab end to end through the SDK: upload → job → events, checkpoints, results → deploy → chat."""
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import BASE_MODEL, SHARED_LAB
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
+            {"role": "user", "content": "What is the capital of Portugal?"}]
+
+
+@pytest.fixture(scope="module")
+def finished_job(client, lab_files):
+    job = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=lab_files[0], validation_file=lab_files[1], seed=105, suffix="lab",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
+    assert job.status in ("queued", "running")
+    assert job.seed == 105
+    return job.id
+
+
+def test_job_succeeds_with_a_fine_tuned_model(server, client, finished_job):
+    job = server.wait_job(finished_job)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith(f"ft:{BASE_MODEL}:lab:")
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at
+    assert job.hyperparameters.n_epochs == 2
+    assert isinstance(job.hyperparameters.batch_size, int)          # "auto" resolved
+    assert isinstance(job.hyperparameters.learning_rate_multiplier, float)
+    assert job.fine_tuned_model in [m.id for m in client.models.list()]
+
+
+def test_events_auto_page_to_the_end_newest_first(server, client, finished_job):
+    server.wait_job(finished_job)
+    events = list(client.fine_tuning.jobs.list_events(finished_job, limit=3))  # SDK follows has_more/after
+    assert len(events) == len({e.id for e in events}) > 3
+    assert events[0].message == "The job has successfully completed"
+    assert events[-1].message.startswith("Validating training file")
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all("train_loss" in e.data for e in metrics)
+    steps = [e.data["step"] for e in metrics]
+    assert steps == sorted(steps, reverse=True)
+
+
+def test_checkpoints_one_per_epoch_with_openai_metrics(server, client, finished_job):
+    server.wait_job(finished_job)
+    ckpts = client.fine_tuning.jobs.checkpoints.list(finished_job).data
+    assert len(ckpts) == 2
+    for c in ckpts:
+        assert c.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{c.step_number}")
+        assert c.metrics.train_loss is not None and c.metrics.full_valid_loss is not None
+
+
+def test_results_csv_has_the_openai_columns(server, client, finished_job):
+    job = server.wait_job(finished_job)
+    (results_id,) = job.result_files
+    meta = client.files.retrieve(results_id)
+    assert meta.purpose == "fine-tune-results" and meta.filename == "results.csv"
+    rows = list(csv.DictReader(io.StringIO(client.files.content(results_id).text)))
+    header = list(rows[0])
+    assert header[:3] == ["step", "train_loss", "train_mean_token_accuracy"]
+    assert "valid_loss" in header
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_deploy_fine_tuned_model_and_chat(server, client, finished_job):
+    job = server.wait_job(finished_job)
+    state = server.deploy("lab-ft", job.fine_tuned_model)
+    assert state["properties"]["provisioningState"] == "Succeeded", state
+    azure = server.azure(api_version="2024-02-01")
+    answer = azure.chat.completions.create(model="lab-ft", messages=QUESTION, temperature=0, max_tokens=60)
+    assert answer.choices[0].message.content.strip()
+    assert answer.choices[0].finish_reason == "stop"  # it learned to end its turn
+
+
+def test_checkpoint_deploys_too(server, client, finished_job):
+    server.wait_job(finished_job)
+    first = client.fine_tuning.jobs.checkpoints.list(finished_job).data[-1]
+    state = server.deploy("lab-ckpt", first.fine_tuned_model_checkpoint)
+    assert state["properties"]["provisioningState"] == "Succeeded", state
+    r = client.chat.completions.create(model="lab-ckpt", messages=QUESTION, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content.strip()
+
+
+def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
+    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 20})
+    deadline = time.time() + 600
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):  # mid-epoch
+        assert time.time() < deadline, "the job never started training"
+        time.sleep(0.5)
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    time.sleep(3)
+    final = client.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    # The worker takes the next job.
+    nxt = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 1})
+    assert server.wait_job(nxt.id).status == "succeeded"
+
+
+@pytest.mark.skipif(not SHARED_LAB.is_dir(), reason="../shared/lab is not beside the checkout")
+def test_the_lab_client_runs_unchanged(server, tmp_path):
+    from tunelab.data.encodings import install_tiktoken_cache
+
+    env = {**os.environ, "TUNELAB_ENDPOINT": server.url, "TUNELAB_API_KEY": server.key,
+           "TIKTOKEN_CACHE_DIR": str(install_tiktoken_cache(tmp_path / "tiktoken")), "TUNELAB_LAB_TIMEOUT": "900"}
+    run = subprocess.run([sys.executable, str(SHARED_LAB / "lab_client.py")], env=env, cwd=SHARED_LAB,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.rstrip().endswith("LAB OK")
+    assert requests.get(server.deployment_url("gpt-4o-ft"), headers={"api-key": server.key}).status_code == 404
