@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +12,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from tunelab.cli_data import app as data_app
 from tunelab.config import Settings
 
 app = typer.Typer(help="Fine-tune and serve open-weight language models behind an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="The model catalogue: base models you can fine-tune and serve.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")]
@@ -54,16 +56,25 @@ def serve(
     key, generated = resolve_api_key(settings, _store(settings))
     if generated:
         console.print(f"[bold]Generated API key[/bold] (stored in {settings.data_path}): {key}")
+    child = None
     if worker:
         # A separate process: training must not compete with the server's event loop for the GIL.
-        cmd = [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(settings.data_path)]
+        cmd = [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(settings.data_path),
+               "--parent-pid", str(os.getpid())]
         child = subprocess.Popen(cmd)
-        atexit.register(child.terminate)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if child is not None:
+            child.terminate()
+            child.wait(timeout=30)
 
 
 @app.command("worker")
-def worker_cmd(data_dir: DataDir = None) -> None:
+def worker_cmd(
+    data_dir: DataDir = None,
+    parent_pid: Annotated[Optional[int], typer.Option(hidden=True, help="Exit when this process is gone.")] = None,
+) -> None:
     """Run a training worker: claims queued jobs from the store and trains them."""
     from tunelab.training.worker import Worker
 
@@ -71,7 +82,7 @@ def worker_cmd(data_dir: DataDir = None) -> None:
     settings = _settings(data_dir)
     _store(settings)
     try:
-        Worker(settings).run_forever()
+        Worker(settings, parent_pid=parent_pid).run_forever()
     except KeyboardInterrupt:
         pass
 
@@ -112,13 +123,3 @@ def models_path(model_id: str, data_dir: DataDir = None) -> None:
         console.print(f"[red]error:[/red] no base model {model_id!r} (see `tunelab models list`)")
         raise typer.Exit(2) from None
 
-
-def _mount_data() -> None:
-    try:
-        from tunelab.cli_data import app as data_app
-    except ImportError:  # pragma: no cover - the data CLI ships with the package
-        return
-    app.add_typer(data_app, name="data")
-
-
-_mount_data()

@@ -17,6 +17,7 @@ from tunelab.store.db import ACTIVE_JOB_STATES, new_id, now
 from tunelab.store.tables import FileRow, JobRow, ModelRow
 
 router = APIRouter(tags=["fine-tuning"])
+SUPERVISED_FORMATS = ("chat", "prompt_completion")
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
@@ -69,9 +70,14 @@ def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
 def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> None:
     """Files were validated on upload: fail the job on the first bad file, else queue it."""
     for param, f in files.items():
+        what = "training" if param == "training_file" else "validation"
+        fmt = (f.validation or {}).get("format")
+        message = None
         if f.status != "processed":
-            what = "training" if param == "training_file" else "validation"
             message = f"The {what} file {f.id} has errors: {f.status_details or 'it was not processed'}"
+        elif fmt not in SUPERVISED_FORMATS:
+            message = f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or prompt/completion examples."
+        if message:
             error = {"code": f"invalid_{param}", "message": message, "param": param}
             state.store.update_job(job.id, status="failed", error=error, finished_at=now())
             state.store.add_event(job.id, message, level="error")

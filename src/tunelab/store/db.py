@@ -133,6 +133,10 @@ class Store:
                 return self.get(JobRow, job_id)
         return None
 
+    def jobs_running(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.status == "running")))
+
     def job_status(self, job_id: str) -> str | None:
         with self.session() as s:
             return s.scalar(select(JobRow.status).where(JobRow.id == job_id))

@@ -53,6 +53,16 @@ class JobHooks:
         return self._stop
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _method(folder: Path) -> str:
     return "lora" if (folder / "adapter_config.json").is_file() else "full"
 
@@ -62,17 +72,29 @@ def fine_tuned_model_id(job: JobRow) -> str:
 
 
 class Worker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, parent_pid: int | None = None) -> None:
         self.settings = settings
         self.store = Store(settings.db_url)
         self.blobs = BlobStore(settings.blob_path)
         self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.parent_pid = parent_pid
 
     def run_forever(self) -> None:
         log.info("worker %s polling %s", self.id, self.settings.db_url)
-        while True:
+        self.requeue_orphans()
+        while self.parent_pid is None or _alive(self.parent_pid):
             if not self.run_once():
                 time.sleep(self.settings.worker_poll_seconds)
+
+    def requeue_orphans(self) -> None:
+        """Jobs left ``running`` by a dead worker on this host go back to the queue."""
+        host = socket.gethostname()
+        for job in self.store.jobs_running():
+            owner, _, pid = (job.worker_id or "").rpartition(":")
+            if owner == host and pid.isdigit() and not _alive(int(pid)):
+                if self.store.update_job(job.id, only_if_status=["running"], status="queued", worker_id=None):
+                    self.store.add_event(job.id, "The worker running this job stopped; the job is queued again",
+                                         level="warn")
 
     def run_once(self) -> bool:
         """Claim and run one job; False when none was queued."""
