@@ -79,11 +79,11 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
             message = f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or prompt/completion examples."
         if message:
             error = {"code": f"invalid_{param}", "message": message, "param": param}
-            state.store.update_job(job.id, status="failed", error=error, finished_at=now())
-            state.store.add_event(job.id, message, level="error")
+            state.store.update_job(job.id, status="failed", error=error, finished_at=now(), event=message,
+                                   event_level="error")
             return
-    state.store.update_job(job.id, only_if_status=["validating_files"], status="queued")
-    state.store.add_event(job.id, "Files validated, moving job to queued state")
+    state.store.update_job(job.id, only_if_status=["validating_files"], status="queued",
+                           event="Files validated, moving job to queued state")
 
 
 @router.get("/fine_tuning/jobs")
@@ -101,9 +101,9 @@ def retrieve_job(state: State, job_id: str) -> FineTuningJob:
 def cancel_job(state: State, job_id: str) -> FineTuningJob:
     job = get_job(state, job_id)
     # The worker polls the status and stops within a step; the conditional update loses no race.
-    if not state.store.update_job(job_id, only_if_status=ACTIVE_JOB_STATES, status="cancelled", finished_at=now()):
+    if not state.store.update_job(job_id, only_if_status=ACTIVE_JOB_STATES, status="cancelled", finished_at=now(),
+                                  event="Job cancelled"):
         raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
-    state.store.add_event(job_id, "Job cancellation requested")
     return FineTuningJob.from_row(get_job(state, job_id))
 
 

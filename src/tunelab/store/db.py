@@ -31,6 +31,12 @@ def now() -> int:
     return int(time.time())
 
 
+def _event(job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> EventRow:
+    return EventRow(
+        id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
+    )
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the server read while a worker writes; busy_timeout waits out short write locks.
     cur = dbapi_conn.cursor()
@@ -114,13 +120,28 @@ class Store:
             return row.value
 
     # -- jobs ----------------------------------------------------------------------------------
-    def update_job(self, job_id: str, *, only_if_status: Sequence[str] | None = None, **values: Any) -> bool:
-        """Conditional update; False when the job is gone or not in one of ``only_if_status``."""
+    def update_job(
+        self,
+        job_id: str,
+        *,
+        only_if_status: Sequence[str] | None = None,
+        event: str | None = None,
+        event_level: str = "info",
+        **values: Any,
+    ) -> bool:
+        """Conditional update; False when the job is gone or not in one of ``only_if_status``.
+
+        ``event``, if given, is recorded in the same transaction, only when the update happened.
+        """
         with self.session() as s:
             q = update(JobRow).where(JobRow.id == job_id)
             if only_if_status is not None:
                 q = q.where(JobRow.status.in_(only_if_status))
-            return s.execute(q.values(**values)).rowcount == 1
+            if s.execute(q.values(**values)).rowcount != 1:
+                return False
+            if event is not None:
+                s.add(_event(job_id, event, level=event_level))
+            return True
 
     def claim_job(self, worker_id: str) -> JobRow | None:
         """Atomically take the oldest queued job for ``worker_id`` (status becomes running)."""
@@ -154,10 +175,7 @@ class Store:
     def add_event(
         self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
     ) -> EventRow:
-        row = EventRow(
-            id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
-        )
-        return self.add(row)
+        return self.add(_event(job_id, message, level=level, type=type, data=data))
 
     def events(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[EventRow], bool]:
         with self.session() as s:

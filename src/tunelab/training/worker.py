@@ -32,6 +32,8 @@ class JobHooks:
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
         self.store.add_event(self.job.id, message, level=level, type=type, data=data)
+        if data and "hyperparameters" in data:  # the recipe resolved "auto": show it on the job now
+            self.store.update_job(self.job.id, hyperparameters={**self.job.hyperparameters, **data["hyperparameters"]})
 
     def checkpoint(self, ckpt) -> None:
         self.store.add(
@@ -106,23 +108,41 @@ class Worker:
 
     def _run(self, job: JobRow) -> None:
         from tunelab.training.recipe import Cancelled, TrainingError, train
+        from tunelab.training.tracking import TrackedHooks
 
         ft_model = fine_tuned_model_id(job)
         hooks = JobHooks(self.store, job, ft_model)
         hooks.event("Fine-tuning job started")
+        tracker = self._tracker(job, ft_model, hooks)
         try:
             spec = self._spec(job)
-            self._check_lengths(job, spec, hooks)
-            result = train(spec, hooks)
+            self._check_lengths(spec, hooks, tracker)
+            result = train(spec, TrackedHooks(hooks, tracker))
         except Cancelled:
-            hooks.event("Fine-tuning job cancelled")
+            hooks.event("Training stopped: the job was cancelled")
+            tracker.finish("cancelled")
             return
         except TrainingError as exc:
+            tracker.finish("failed")
             return self._fail(job, "training_failed", str(exc))
         except Exception as exc:  # a bug or a broken environment: fail the job, keep the worker
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            tracker.finish("failed")
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
-        self._succeed(job, ft_model, result)
+        self._succeed(job, ft_model, result, tracker)
+
+    def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks):
+        """The job's MLflow run; a tracking problem becomes a warning event, never a failed job."""
+        from tunelab.training.tracking import JobTracker, tracking_uri
+
+        tracker = JobTracker(
+            tracking_uri=tracking_uri(self.settings.data_path), experiment=self.settings.mlflow_experiment,
+            job_id=job.id, run_name=ft_model, on_warning=lambda m: hooks.event(m, level="warn"),
+            on_started=lambda entry: self.store.update_job(job.id, integrations=[entry]),
+        )
+        tracker.log_params({"base_model": job.model, "training_file": job.training_file,
+                            "validation_file": job.validation_file, "seed": job.seed})
+        return tracker
 
     def _spec(self, job: JobRow):
         from tunelab.training.recipe import TrainSpec
@@ -142,7 +162,7 @@ class Worker:
             **extras,
         )
 
-    def _check_lengths(self, job: JobRow, spec, hooks: JobHooks) -> None:
+    def _check_lengths(self, spec, hooks: JobHooks, tracker) -> None:
         """Job-start validation with the base model's own tokenizer: warn what will be truncated."""
         from transformers import AutoTokenizer
 
@@ -153,13 +173,23 @@ class Worker:
                                max_tokens=max_context(spec.base_model_dir))
         for warning in report.warnings:
             hooks.event(f"Training file: {warning.message}", level="warn")
+        tracker.log_params({"training_examples": report.examples})
+        tracker.log_dict(report.to_dict(), "validation/training_file.json")
 
     def _fail(self, job: JobRow, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": None}
-        if self.store.update_job(job.id, only_if_status=["running"], status="failed", error=error, finished_at=now()):
-            self.store.add_event(job.id, f"Fine-tuning job failed: {message}", level="error")
+        self.store.update_job(job.id, only_if_status=["running"], status="failed", error=error, finished_at=now(),
+                              event=f"Fine-tuning job failed: {message}", event_level="error")
 
-    def _succeed(self, job: JobRow, ft_model: str, result) -> None:
+    def _succeed(self, job: JobRow, ft_model: str, result, tracker) -> None:
+        from tunelab.training.tracking import RegisterSpec, registered_model_name
+
+        # Track before announcing success: a client that sees "succeeded" finds the MLflow version.
+        tracker.log_params({"trained_tokens": result.trained_tokens})
+        tracker.log_artifact(result.results_csv)
+        name = registered_model_name(job.model, job.suffix, self.settings.mlflow_model_name)
+        tracker.finish("succeeded", register=RegisterSpec(name, result.final_dir))
+
         results_id = new_id("file")
         size = self.blobs.copy_in(results_id, result.results_csv)
         self.store.add(FileRow(id=results_id, created_at=now(), filename="results.csv", purpose="fine-tune-results",
@@ -167,13 +197,13 @@ class Worker:
         self.store.add(ModelRow(id=ft_model, created_at=now(), kind="fine-tuned", owned_by="user",
                                 path=str(result.final_dir), base_model=job.model, method=_method(result.final_dir),
                                 job_id=job.id))
+        self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
         done = self.store.update_job(
             job.id, only_if_status=["running"], status="succeeded", fine_tuned_model=ft_model,
             trained_tokens=result.trained_tokens, finished_at=now(), result_files=[results_id],
             hyperparameters={**job.hyperparameters, **result.hyperparameters},
+            integrations=[tracker.integration()] if tracker.integration() else [],
+            event="The job has successfully completed",
         )
-        if done:
-            self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
-            self.store.add_event(job.id, "The job has successfully completed")
-        else:  # cancelled in the last moment: keep the outputs out of the catalogue
+        if not done:  # cancelled at the last moment: keep the outputs out of the catalogue
             self.store.delete(ModelRow, ft_model)
