@@ -1,0 +1,5 @@
+"""Fine-tuning: ``train(TrainSpec, TrainHooks) -> TrainResult`` (see recipe.py)."""
+
+from tunelab.training.recipe import Cancelled, Checkpoint, TrainHooks, TrainingError, TrainResult, TrainSpec, train
+
+__all__ = ["Cancelled", "Checkpoint", "TrainHooks", "TrainResult", "TrainSpec", "TrainingError", "train"]

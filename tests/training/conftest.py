@@ -1,0 +1,135 @@
+"""Fixtures for the training tests: the bundled model, a tiny random model with its tokenizer, lab data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_LAB = REPO.parent / "shared" / "lab"
+
+# Lab-like chats, so the fast tests do not depend on ../shared.
+CHATS = [
+    ("Who discovered Antarctica?", "Bellingshausen and Lazarev, as if they don't teach that in every school!"),
+    ("What is the biggest ocean?", "The Pacific Ocean. It's not like it's a small pond or anything."),
+    ("What is the largest planet?", "It's called Jupiter, you may have heard of it...or not."),
+    ("Who painted the Mona Lisa?", "Oh, some obscure artist named Leonardo da Vinci."),
+    ("What's the boiling point of water?", "Exciting fact of the day: it's 100 degrees Celsius."),
+    ("Who wrote Hamlet?", "Shakespeare. Surely you've heard of him by now."),
+]
+SYSTEM = "Clippy is a factual chatbot that is also sarcastic."
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]}
+
+
+def write_jsonl(path: Path, examples: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return path
+
+
+@dataclass
+class RecordingHooks:
+    """TrainHooks that remember everything; ``stop_after`` makes should_stop true after that many polls."""
+
+    stop_after: int | None = None
+    events: list[dict] = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    deleted: list = field(default_factory=list)
+    polls: int = 0
+
+    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        self.events.append({"message": message, "level": level, "type": type, "data": data})
+
+    def checkpoint(self, ckpt) -> None:
+        self.checkpoints.append(ckpt)
+
+    def checkpoint_deleted(self, ckpt) -> None:
+        self.deleted.append(ckpt)
+
+    def should_stop(self) -> bool:
+        self.polls += 1
+        return self.stop_after is not None and self.polls > self.stop_after
+
+    def metrics(self) -> list[dict]:
+        return [e["data"] for e in self.events if e["type"] == "metrics"]
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    from tunelab.models.bundled import BundledModelMissing, bundled_model_dir
+
+    try:
+        return bundled_model_dir(Path("~/.cache/tunelab").expanduser())
+    except BundledModelMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path, tokenizer) -> Path:
+    """A 2-layer random-init llama with the bundled tokenizer: the recipe's mechanics in milliseconds."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def chat_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in CHATS[:5]])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat(q, a) for q, a in CHATS[3:]])
+    return train, valid
+
+
+@pytest.fixture
+def lab_files() -> tuple[Path, Path]:
+    train, valid = SHARED_LAB / "training_set.jsonl", SHARED_LAB / "validation_set.jsonl"
+    if not (train.is_file() and valid.is_file()):
+        pytest.skip(f"lab data not found in {SHARED_LAB}")
+    return train, valid
+
+
+@pytest.fixture(autouse=True)
+def small_and_single_threaded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fast tests run the tiny model: one CPU thread (tiny ops only lose to thread hand-offs, worse
+    on a busy machine) and a short smoke test (a random model never says EOS, so it always runs
+    to the token limit)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    from tunelab.training import recipe
+
+    monkeypatch.setattr(recipe, "SMOKE_MAX_NEW_TOKENS", 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,48 @@
+"""The "auto" rules and hyperparameter validation (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.training import hparams
+
+
+def resolve(**overrides):
+    values = dict(n_epochs="auto", batch_size="auto", learning_rate_multiplier="auto", lora_rank=16, lora_alpha=32,
+                  lora_dropout=0.0, n_examples=10, mean_tokens=55.0) | overrides
+    return hparams.resolve(**values)
+
+
+def test_auto_for_the_lab_data():
+    hp = resolve()  # 10 chats of ~55 tokens
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (10, 2, 1.0)
+    assert hp.method == "lora" and hp.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    ("n_examples", "mean_tokens", "batch_size"),
+    [(1, 50, 1), (10, 55, 2), (200, 55, 18), (10_000, 55, 18), (10_000, 3000, 1), (100_000, 5, 64)],
+)
+def test_auto_batch_size_follows_the_token_budget_and_keeps_five_steps_per_epoch(n_examples, mean_tokens, batch_size):
+    assert hparams.auto_batch_size(n_examples, mean_tokens) == batch_size
+
+
+def test_auto_epochs_follow_the_cookbook_rule():
+    assert [resolve(n_examples=n).n_epochs for n in (1, 10, 50, 200, 10_000)] == [25, 10, 3, 3, 2]
+
+
+def test_explicit_values_are_kept_and_full_fine_tuning_has_its_own_base_lr():
+    hp = resolve(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5, lora_rank=0)
+    assert (hp.n_epochs, hp.batch_size, hp.method) == (2, 4, "full")
+    assert hp.learning_rate == pytest.approx(1e-5)
+    assert set(hp.as_dict()) == {"n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "method"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n_epochs", 0), ("n_epochs", 1.5), ("n_epochs", True), ("batch_size", "max"), ("learning_rate_multiplier", 0),
+     ("lora_rank", -1), ("lora_alpha", 0), ("lora_dropout", 1.0)],
+)
+def test_out_of_range_values_name_their_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        resolve(**{field: value})
