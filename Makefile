@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast check clean
+.PHONY: setup demo test test-fast test-all clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ setup: $(BIN)/tunelab
 demo: setup
 	$(BIN)/python examples/demo.py
 
+# The default set: fast tests plus the lab end to end (~15 min on 2 cores); test-all adds the
+# slow training and MLflow-server tests.
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow or e2e"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -13,7 +13,7 @@ import requests
 
 from tests.conftest import BASE_MODEL, SHARED_LAB
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 QUESTION = [{"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
             {"role": "user", "content": "What is the capital of Portugal?"}]
 
