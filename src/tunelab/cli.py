@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
+
+# The server and its worker share the CPU: with OpenMP's default busy-waiting, two torch processes
+# on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import logging  # noqa: E402
 import subprocess
 import sys
 from pathlib import Path
