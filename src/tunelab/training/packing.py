@@ -23,7 +23,9 @@ _flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGN
 
 
 def pack(examples: Sequence[TokenizedExample], max_row_tokens: int) -> list[dict[str, torch.Tensor]]:
-    """Pack examples, in order, into rows of at most ``max_row_tokens`` tokens (longer examples get a row of their own).
+    """Pack examples, in order, into rows of at most ``max_row_tokens`` tokens.
+
+    An example longer than that gets a row of its own.
 
     Returns:
         rows of ``input_ids``, ``labels`` and ``position_ids``, each of shape (1, T).
@@ -64,7 +66,7 @@ def token_losses(model: torch.nn.Module, row: dict[str, torch.Tensor]) -> tuple[
 
 
 def example_of_tokens(row: dict[str, torch.Tensor]) -> torch.Tensor:
-    """For each trained token of a packed row (in ``token_losses`` order), the index of its example in the row.
+    """For each trained token of a packed row, in ``token_losses`` order, the index of its example.
 
     Returns:
         shape (K,), values in [0, examples in the row).

@@ -26,8 +26,8 @@ log = logging.getLogger("tunelab.worker")
 class JobHooks:
     """The recipe's view of the store: events, checkpoints and the cancel flag of one job."""
 
-    def __init__(self, store: Store, job: JobRow, ft_model: str) -> None:
-        self.store, self.job, self.ft_model = store, job, ft_model
+    def __init__(self, store: Store, job: JobRow, ft_model: str, parent_pid: int | None = None) -> None:
+        self.store, self.job, self.ft_model, self.parent_pid = store, job, ft_model, parent_pid
         self._checked, self._stop = 0.0, False
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
@@ -52,6 +52,8 @@ class JobHooks:
         if not self._stop and time.monotonic() - self._checked > 1.0:
             self._checked = time.monotonic()
             self._stop = self.store.job_status(self.job.id) != "running"
+            # An embedded worker whose server is gone stops too; the next worker requeues the job.
+            self._stop |= self.parent_pid is not None and not _alive(self.parent_pid)
         return self._stop
 
 
@@ -111,7 +113,7 @@ class Worker:
         from tunelab.training.tracking import TrackedHooks
 
         ft_model = fine_tuned_model_id(job)
-        hooks = JobHooks(self.store, job, ft_model)
+        hooks = JobHooks(self.store, job, ft_model, self.parent_pid)
         hooks.event("Fine-tuning job started")
         tracker = self._tracker(job, ft_model, hooks)
         try:
@@ -119,7 +121,10 @@ class Worker:
             self._check_lengths(spec, hooks, tracker)
             result = train(spec, TrackedHooks(hooks, tracker))
         except Cancelled:
-            hooks.event("Training stopped: the job was cancelled")
+            if self.store.job_status(job.id) == "running":  # our server went away, not a cancel
+                hooks.event("Training stopped: the worker is shutting down; the job will be queued again", level="warn")
+            else:
+                hooks.event("Training stopped: the job was cancelled")
             tracker.finish("cancelled")
             return
         except TrainingError as exc:
