@@ -11,6 +11,10 @@ Recipes (one epoch over 200 short generated chats each, every recipe in a fresh 
   ``--naive-steps`` steps and the epoch time is extrapolated (marked "est.").
 - tunelab-full / tunelab-lora: ``tunelab.training.train`` with batch 2 (the same examples per
   step as naive), 1 epoch, no validation file; packed rows, no padding.
+- tunelab-api: the whole product path for the LoRA job: a fresh ``tunelab serve`` (embedded
+  worker, SQLite, MLflow), the file uploaded with the openai SDK, the job created with batch 2 and
+  1 epoch; timed from the upload until the job is ``succeeded`` (validation, model load, training,
+  checkpoint, smoke test and MLflow registration included). Bundled model only.
 
 Columns: real (non-pad) tokens per second of training; MFU = real tokens/s x FLOPs per token /
 peak, with FLOPs per token = 6N (full) or 4N (LoRA: no weight gradients for the frozen base)
@@ -178,6 +182,51 @@ def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, d
             "model": model.to(device), "lora": bool(lora_rank), "peak": peak}
 
 
+def run_api(model_dir: Path, train_file: Path, work: Path, device: str) -> dict:
+    """Upload -> job -> succeeded through a real ``tunelab serve``, timed end to end."""
+    import socket
+    import subprocess
+
+    from openai import OpenAI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data_dir = work / "api-data"
+    env = {**os.environ, "TUNELAB_API_KEY": "bench", "TUNELAB_DEVICE": device}
+    server = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir",
+                               str(data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=20)
+    try:
+        client.models.list()  # retries until the server is up
+        start = time.perf_counter()
+        with train_file.open("rb") as f:
+            file_id = client.files.create(file=f, purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file=file_id,
+                                             seed=105, hyperparameters={"n_epochs": 1, "batch_size": 2})
+        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.5)
+        seconds = time.perf_counter() - start
+        if job.status != "succeeded":
+            raise RuntimeError(f"the job {job.status}: {job.error}")
+        last = next(e.data for e in client.fine_tuning.jobs.list_events(job.id) if e.type == "metrics")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    from transformers import AutoTokenizer
+
+    from tunelab.training.tokenize import tokenize_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    real_tokens = sum(len(tokenize_chat(tokenizer, json.loads(line)["messages"]))
+                      for line in train_file.read_text().splitlines())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), data_dir / "jobs" / job.id / "final")
+    return {"steps": last["step"], "epoch_steps": last["total_steps"], "real_tokens": real_tokens, "seconds": seconds,
+            "last_train_loss": last["train_loss"], "model": model.to(device), "lora": True, "peak": None}
+
+
 # -- measuring -------------------------------------------------------------------------------------
 @torch.no_grad()
 def heldout_loss(model, model_dir: Path, chats: list[dict], device: str) -> float:
@@ -242,10 +291,13 @@ def _child(recipe: str, model_dir: Path, train_file: Path, heldout: list[dict], 
         torch.cuda.reset_peak_memory_stats()
     if recipe == "naive":
         run = run_naive(model_dir, train_file, work, naive_steps, device)
+    elif recipe == "tunelab-api":
+        run = run_api(model_dir, train_file, work, device)
     else:
         run = run_tunelab(model_dir, train_file, work, 0 if recipe == "tunelab-full" else 16, device)
     run["heldout_loss"] = heldout_loss(run.pop("model"), model_dir, heldout, device)
-    run["peak_memory_gib"] = run.pop("peak") / 2**30
+    peak = run.pop("peak")  # None: it was another process (the API's worker)
+    run["peak_memory_gib"] = float("nan") if peak is None else peak / 2**30
     queue.put(run)
 
 
@@ -293,8 +345,9 @@ def print_table(title: str, rows: list[Row], naive: Row) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         epoch = f"{r.epoch_seconds:.0f}" + (" (est.)" if r.epoch_estimated else "")
+        memory = "—" if r.peak_memory_gib != r.peak_memory_gib else f"{r.peak_memory_gib:.2f}"  # NaN: not measured
         print(f"| {r.recipe} | {r.steps}/{r.epoch_steps} | {r.tokens_per_s:.1f} | {epoch} | "
-              f"{naive.epoch_seconds / r.epoch_seconds:.1f}x | {100 * r.mfu:.1f}% | {r.peak_memory_gib:.2f} | "
+              f"{naive.epoch_seconds / r.epoch_seconds:.1f}x | {100 * r.mfu:.1f}% | {memory} | "
               f"{r.last_train_loss:.3f} | {r.heldout_loss:.3f} |")
 
 
@@ -306,7 +359,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU threads for every recipe (default: every core, as tunelab's recipe does)")
-    parser.add_argument("--recipes", default="naive,tunelab-full,tunelab-lora")
+    parser.add_argument("--recipes", default="naive,tunelab-full,tunelab-lora,tunelab-api",
+                        help="tunelab-api runs on the bundled model only")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     naive_steps = args.naive_steps if args.naive_steps is not None else (20 if args.device == "cpu" else 0)
@@ -336,8 +390,9 @@ def main() -> None:
         if args.device != "cpu":
             models.append(("Qwen2.5-0.5B-shaped, random init", qwen_shaped_model(bundled, work)))
         for title, model_dir in models:
+            recipes = [r for r in args.recipes.split(",") if r != "tunelab-api" or model_dir == bundled]
             rows = [measure(recipe, model_dir, train_file, heldout, work, naive_steps, args.device, args.threads, peak,
-                            mean_len) for recipe in args.recipes.split(",")]
+                            mean_len) for recipe in recipes]
             naive = next((r for r in rows if r.recipe == "naive"), rows[0])
             print_table(title, rows, naive)
             all_rows[title] = [asdict(r) for r in rows]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,3 +124,50 @@ def lab_files(client: OpenAI) -> tuple[str, str]:
         with (SAMPLES / name).open("rb") as f:
             ids.append(client.files.create(file=f, purpose="fine-tune").id)
     return ids[0], ids[1]
+
+
+# -- PostgreSQL: a real server in a temporary folder -----------------------------------------------------
+def _postgres_binary(name: str) -> str | None:
+    """``name`` on PATH, else in Debian's versioned folder (the client packages put only wrappers on PATH)."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return shutil.which(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server (initdb + pg_ctl, fsync off); its SQLAlchemy URL."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'tunelab[postgres]')")
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    root = Path(tempfile.mkdtemp(prefix="tunelab-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as the postgres user
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to own the cluster")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), root / "data"
+    subprocess.run([*as_owner, initdb, "-D", str(data), "-U", "tunelab", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-w", "-l", str(root / "server.log"), "-o", options, "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://tunelab@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def new_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE ``name`` on the server; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    return f"{server_url}/{name}"

@@ -70,9 +70,12 @@ def serve(
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        if child is not None:
+        if child is not None:  # it pauses its running job after the current step, then exits
             child.terminate()
-            child.wait(timeout=30)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                console.print("The worker is still saving its job's state; it exits by itself when done.")
 
 
 @app.command("worker")

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Largest accepted upload.")
     worker_poll_seconds: float = Field(default=1.0, description="How often an idle worker looks for jobs.")
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' for training and serving.")
+    train_threads: int | None = Field(
+        default=None, description="CPU threads per training job; default every core (set 1 for several workers on one CPU)."
+    )
     mlflow_experiment: str = Field(default="tunelab", description="MLflow experiment of every job's run.")
     mlflow_model_name: str = Field(
         default="{base}-{suffix}", description="Registered model name; {base}: base id after its last '/'."

@@ -3,6 +3,7 @@
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import BASE_MODEL, SHARED_LAB
+from tests.conftest import BASE_MODEL, SAMPLES, SHARED_LAB, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 QUESTION = [{"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
@@ -108,6 +109,82 @@ def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
     # The worker takes the next job.
     nxt = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 1})
     assert server.wait_job(nxt.id).status == "succeeded"
+
+
+def test_full_fine_tuning_job_deploys_and_answers(server, client, lab_files):
+    job = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=lab_files[0], seed=11, suffix="full",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "lora_rank": 0}}},
+    )
+    done = server.wait_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.method.supervised.hyperparameters.model_extra["method"] == "full"
+    state = server.deploy("lab-full", done.fine_tuned_model)
+    assert state["properties"]["provisioningState"] == "Succeeded", state
+    answer = client.chat.completions.create(model="lab-full", messages=QUESTION, temperature=0, max_tokens=60)
+    assert answer.choices[0].message.content.strip()
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def _wait_status(client, job_id: str, status: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status != status:
+        assert time.time() < deadline, f"job stayed {job.status}"
+        time.sleep(0.5)
+    return job
+
+
+def test_pause_then_resume_trains_every_step_once(server, client, lab_files):
+    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], seed=5,
+                                         hyperparameters={"n_epochs": 3, "batch_size": 2})  # 18 steps
+    deadline = time.time() + 600
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
+        assert time.time() < deadline, "the job never started training"
+        time.sleep(0.5)
+    assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")
+    _wait_status(client, job.id, "paused")
+    events = list(client.fine_tuning.jobs.list_events(job.id))
+    paused = next(e.message for e in events if e.message.startswith("Job paused after step"))
+    paused_after = int(re.match(r"Job paused after step (\d+);", paused).group(1))
+    assert 0 < paused_after < 18
+    assert max(e.data["step"] for e in events if e.type == "metrics") == paused_after
+
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = server.wait_job(job.id)
+    assert done.status == "succeeded", done.error
+    events = list(client.fine_tuning.jobs.list_events(job.id))
+    assert any(e.message.startswith(f"Training resumed at step {paused_after + 1}:") for e in events)
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    assert steps == list(range(1, 19))  # every step once: none lost, none trained twice
+    rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 19))
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [18, 12, 6]
+
+
+def test_a_restarted_server_goes_on_with_the_job(tmp_path):
+    srv = start_server(tmp_path / "data")
+    try:
+        client = srv.openai()
+        with (SAMPLES / "training_set.jsonl").open("rb") as f:
+            training_file = client.files.create(file=f, purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=training_file,
+                                             hyperparameters={"n_epochs": 2, "batch_size": 2})  # 12 steps
+        deadline = time.time() + 600
+        while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
+            assert time.time() < deadline, "the job never started training"
+            time.sleep(0.5)
+        stop_server(srv)  # SIGTERM, as a service manager or Ctrl-C would stop it
+        srv = start_server(tmp_path / "data")
+        done = srv.wait_job(job.id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in srv.openai().fine_tuning.jobs.list_events(job.id)]
+        stopped = next(m for m in messages if "the worker is shutting down" in m)
+        step = int(re.match(r"Training stopped after step (\d+):", stopped).group(1))
+        assert any(m.startswith(f"Training resumed at step {step + 1}:") for m in messages)
+        steps = sorted(e.data["step"] for e in srv.openai().fine_tuning.jobs.list_events(job.id) if e.type == "metrics")
+        assert steps == list(range(1, 13))
+    finally:
+        stop_server(srv)
 
 
 @pytest.mark.skipif(not SHARED_LAB.is_dir(), reason="../shared/lab is not beside the checkout")

@@ -39,9 +39,10 @@ def write_jsonl(path: Path, examples: list[dict]) -> Path:
 
 @dataclass
 class RecordingHooks:
-    """TrainHooks that remember everything; ``stop_after`` makes should_stop true after that many polls."""
+    """TrainHooks that remember everything; after ``stop_after`` polls should_stop returns ``stop_with``."""
 
     stop_after: int | None = None
+    stop_with: bool | str = True
     events: list[dict] = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
     deleted: list = field(default_factory=list)
@@ -58,7 +59,7 @@ class RecordingHooks:
 
     def should_stop(self) -> bool:
         self.polls += 1
-        return self.stop_after is not None and self.polls > self.stop_after
+        return self.stop_with if self.stop_after is not None and self.polls > self.stop_after else False
 
     def metrics(self) -> list[dict]:
         return [e["data"] for e in self.events if e["type"] == "metrics"]

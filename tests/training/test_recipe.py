@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.training import Cancelled, TrainingError, TrainSpec, train
+from tunelab.training import Cancelled, Paused, TrainingError, TrainSpec, train
 from tunelab.training import recipe as recipe_module
 from tunelab.training.tokenize import tokenize_chat
 
@@ -144,6 +144,49 @@ def test_should_stop_cancels_mid_epoch(tiny_dir, chat_files, tmp_path):
         train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), hooks)
     assert [m["step"] for m in hooks.metrics()] == [1, 2]  # 3 steps per epoch: stopped inside epoch 1
     assert hooks.checkpoints == [] and not (tmp_path / "job" / "final").exists()
+
+
+@pytest.mark.parametrize("method", [{"lora_dropout": 0.1}, {"lora_rank": 0}], ids=["lora", "full"])
+def test_pause_then_resume_gives_the_run_that_never_paused(tiny_dir, chat_files, tmp_path, method):
+    straight = train(spec(tiny_dir, chat_files, tmp_path / "a", n_epochs=3, **method), RecordingHooks())
+
+    pausing = RecordingHooks(stop_after=4, stop_with="pause")  # 3 steps per epoch: inside epoch 2
+    with pytest.raises(Paused) as paused:
+        train(spec(tiny_dir, chat_files, tmp_path / "b", n_epochs=3, **method), pausing)
+    assert paused.value.step == 4 and [c.step for c in pausing.checkpoints] == [3]
+    assert (tmp_path / "b" / "resume.pt").is_file()
+
+    resuming = RecordingHooks()
+    resumed = train(spec(tiny_dir, chat_files, tmp_path / "b", n_epochs=3, **method), resuming)
+    assert any(e["message"].startswith("Training resumed at step 5:") for e in resuming.events)
+    assert [m["step"] for m in resuming.metrics()] == [5, 6, 7, 8, 9]
+    assert [c.step for c in resuming.checkpoints] == [6, 9]
+    assert read_csv(resumed.results_csv) == read_csv(straight.results_csv)  # bitwise, every column
+    assert resumed.trained_tokens == straight.trained_tokens
+    weights = "adapter_model.safetensors" if "lora_dropout" in method else "model.safetensors"
+    a, b = load_file(straight.final_dir / weights), load_file(resumed.final_dir / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "resume.pt").exists()
+
+
+def test_a_paused_state_is_not_resumed_with_other_hyperparameters(tiny_dir, chat_files, tmp_path):
+    with pytest.raises(Paused):
+        train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), RecordingHooks(stop_after=2, stop_with="pause"))
+    with pytest.raises(TrainingError, match="cannot resume.*other hyperparameters"):
+        train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3, batch_size=1), RecordingHooks())
+
+
+def test_step_metrics_carry_the_learning_rate_and_throughput(tiny_dir, chat_files, tmp_path):
+    hooks = RecordingHooks()
+    result = train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), hooks)
+    metrics = hooks.metrics()
+    rates = [m["learning_rate"] for m in metrics]
+    lr = result.hyperparameters["learning_rate"]
+    # one warmup step from 0 (3% of 9 steps, rounded up), then linear decay
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(lr) and rates[1:] == sorted(rates[1:], reverse=True)
+    assert all(m["tokens_per_second"] > 0 for m in metrics)
+    assert "learning_rate" not in read_csv(result.results_csv)[0]  # results.csv keeps OpenAI's columns
+    assert "learning_rate" not in hooks.checkpoints[0].metrics
 
 
 def test_a_step_split_into_several_rows_has_the_same_loss(tiny_dir, chat_files, tmp_path, monkeypatch):

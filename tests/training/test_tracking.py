@@ -235,6 +235,30 @@ def test_full_fine_tune_registers_the_whole_model(mlflow_server: str, tiny_dir: 
     assert out[0]["generated_text"][-1]["role"] == "assistant"
 
 
+# -- a paused and resumed job: one run, every step once -----------------------------------------------
+@pytest.mark.slow
+def test_a_resumed_job_goes_on_in_its_run(mlflow_server: str, tiny_dir: Path, job_files, tmp_path, client):
+    from tunelab.training import Paused
+
+    spec = TrainSpec(base_model_dir=tiny_dir, training_file=job_files[0], validation_file=None,
+                     output_dir=tmp_path / "job", seed=7, n_epochs=2, batch_size=2, lora_rank=4, device="cpu")
+    first = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
+                       on_warning=print)
+    with pytest.raises(Paused):
+        train(spec, TrackedHooks(RecordingHooks(stop_after=2, stop_with="pause"), first))
+    first.finish("paused")
+    assert the_run(client, "ftjob-paused").info.status == "SCHEDULED"
+
+    second = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
+                        on_warning=print, run_id=first.run_id)
+    train(spec, TrackedHooks(RecordingHooks(), second))
+    second.finish("succeeded")
+    run = the_run(client, "ftjob-paused")  # still exactly one run
+    assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "learning_rate")] == [1, 2, 3, 4, 5, 6]
+
+
 # -- MLflow away: training never notices -----------------------------------------------------------------
 @pytest.mark.slow
 def test_unreachable_server_job_succeeds_with_one_warning(tiny_dir: Path, job_files, tmp_path):

@@ -1,4 +1,4 @@
-"""/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints.
+"""/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints.
 
 The API never trains: a job is a row that a worker process claims once it is ``queued``.
 """
@@ -104,6 +104,32 @@ def cancel_job(state: State, job_id: str) -> FineTuningJob:
     if not state.store.update_job(job_id, only_if_status=ACTIVE_JOB_STATES, status="cancelled", finished_at=now(),
                                   event="Job cancelled"):
         raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
+    return FineTuningJob.from_row(get_job(state, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_job(state: State, job_id: str) -> FineTuningJob:
+    """A queued job is paused at once; a running one is ``pausing`` until its worker has saved its state."""
+    job = get_job(state, job_id)
+    paused = state.store.update_job(job_id, only_if_status=["queued"], status="paused", event="Job paused") or (
+        state.store.update_job(job_id, only_if_status=["running"], status="pausing",
+                               event="Pausing the job: training stops after the current step")
+    )
+    if not paused:
+        raise InvalidRequest(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
+                             param="fine_tuning_job_id")
+    return FineTuningJob.from_row(get_job(state, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_job(state: State, job_id: str) -> FineTuningJob:
+    """A paused job goes back to the queue; the worker that claims it goes on from where it stopped."""
+    job = get_job(state, job_id)
+    if not state.store.update_job(job_id, only_if_status=["paused"], status="queued", worker_id=None,
+                                  event="Job resumed, moving job to queued state"):
+        hint = " (it is still saving its state; try again in a moment)" if job.status == "pausing" else ""
+        raise InvalidRequest(f"Job {job_id} is {job.status}; only a paused job can be resumed{hint}.",
+                             param="fine_tuning_job_id")
     return FineTuningJob.from_row(get_job(state, job_id))
 
 

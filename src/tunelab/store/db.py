@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, or_, select, update
+from filelock import FileLock
+from sqlalchemy import create_engine, event, or_, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,7 +21,9 @@ from tunelab.store.tables import Base, DeploymentRow, EventRow, FileRow, JobRow,
 
 Row = TypeVar("Row", FileRow, JobRow, ModelRow)
 
-ACTIVE_JOB_STATES = ("validating_files", "queued", "running")
+# Job states: validating_files -> queued -> running -> succeeded | failed | cancelled, and
+# running -> pausing (the worker is saving its state) -> paused -> queued (resume) -> running.
+ACTIVE_JOB_STATES = ("validating_files", "queued", "running", "pausing", "paused")
 
 
 def new_id(prefix: str) -> str:
@@ -48,11 +51,23 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 class Store:
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url, future=True)
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _create_tables(self) -> None:
+        """Create missing tables. The server and its workers start together: one creates, the others wait."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(7467356)"))
+                Base.metadata.create_all(conn)
+        elif self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            with FileLock(f"{self.engine.url.database}.lock"):
+                Base.metadata.create_all(self.engine)
+        else:
+            Base.metadata.create_all(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -64,6 +79,11 @@ class Store:
         with self.session() as s:
             s.add(row)
         return row
+
+    def put(self, row: Any) -> Any:
+        """Insert or replace by primary key (a resumed or restarted job writes its checkpoints again)."""
+        with self.session() as s:
+            return s.merge(row)
 
     def get(self, cls: type[Row], key: str) -> Row | None:
         with self.session() as s:
@@ -155,8 +175,9 @@ class Store:
         return None
 
     def jobs_running(self) -> list[JobRow]:
+        """Jobs a worker holds: running, or pausing (running until the worker has saved its state)."""
         with self.session() as s:
-            return list(s.scalars(select(JobRow).where(JobRow.status == "running")))
+            return list(s.scalars(select(JobRow).where(JobRow.status.in_(("running", "pausing")))))
 
     def job_status(self, job_id: str) -> str | None:
         with self.session() as s:

@@ -48,6 +48,8 @@ MAX_BACKOFF = 15.0
 FINISH_TIMEOUT = 600.0  # finish() waits this long for queued uploads and the registration
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}  # job status -> run status
+# MLflow has no "paused": a paused job's run is SCHEDULED (it will run again), not terminated.
+PAUSED = "SCHEDULED"
 
 
 def tracking_uri(data_dir: Path) -> str:
@@ -94,6 +96,7 @@ class JobTracker:
         run_name: the run's name (the fine-tuned model id reads well).
         on_warning: gets a user-facing message when logging fails; the worker makes it a job event.
         on_started: gets ``integration()`` once the run exists, e.g. to show the run id on the job.
+        run_id: an existing run to go on with (a resumed job); None creates a new run.
         retry_seconds: how long a call may keep failing for network reasons before giving up.
     """
 
@@ -106,11 +109,12 @@ class JobTracker:
         run_name: str,
         on_warning: Callable[[str], None],
         on_started: Callable[[dict[str, Any]], None] | None = None,
+        run_id: str | None = None,
         retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         self.tracking_uri, self.experiment, self.job_id, self.run_name = tracking_uri, experiment, job_id, run_name
         self.on_warning, self.on_started, self.retry_seconds = on_warning, on_started, retry_seconds
-        self.run_id: str | None = None
+        self.run_id: str | None = run_id
         self.experiment_id: str | None = None
         self.model_name: str | None = None
         self.model_version: str | None = None
@@ -166,7 +170,7 @@ class JobTracker:
         """End the run after everything queued; on success, register the model first.
 
         Args:
-            status: the job's final status: "succeeded", "failed" or "cancelled".
+            status: the job's final status: "succeeded", "failed" or "cancelled"; or "paused".
             register: the model to register; only used when ``status`` is "succeeded".
             timeout: seconds to wait for queued uploads and the registration.
 
@@ -178,7 +182,10 @@ class JobTracker:
         self._finished = True
         if register is not None and status == "succeeded":
             self._submit(f"register the model as {register.name!r}", lambda c: self._register(register))
-        self._submit("end the run", lambda c: c.set_terminated(self._run(), STATUS.get(status, "FINISHED")))
+        if status == "paused":
+            self._submit("mark the run paused", lambda c: c.update_run(self._run(), status=PAUSED))
+        else:
+            self._submit("end the run", lambda c: c.set_terminated(self._run(), STATUS.get(status, "FINISHED")))
         self._ops.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -268,10 +275,14 @@ class JobTracker:
         return self.run_id
 
     def _start_run(self, client: MlflowClient) -> None:
-        experiment = client.get_experiment_by_name(self.experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self._create_experiment(client)
-        run = client.create_run(self.experiment_id, run_name=self.run_name, tags={JOB_ID_TAG: self.job_id})
-        self.run_id = run.info.run_id
+        if self.run_id is not None:  # a resumed job: its run goes on
+            client.update_run(self.run_id, status="RUNNING")
+            self.experiment_id = client.get_run(self.run_id).info.experiment_id
+        else:
+            experiment = client.get_experiment_by_name(self.experiment)
+            self.experiment_id = experiment.experiment_id if experiment else self._create_experiment(client)
+            run = client.create_run(self.experiment_id, run_name=self.run_name, tags={JOB_ID_TAG: self.job_id})
+            self.run_id = run.info.run_id
         if self.on_started is not None:
             entry, on_started = self._integration(self.run_id), self.on_started
             self._outbox.put(lambda: on_started(entry))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 import traceback
@@ -21,13 +22,14 @@ from tunelab.store.db import new_id, now
 from tunelab.store.tables import FileRow, JobRow, ModelRow
 
 log = logging.getLogger("tunelab.worker")
+HELD = ("running", "pausing")  # a pause asked for after the last step does not stop the job finishing
 
 
 class JobHooks:
-    """The recipe's view of the store: events, checkpoints and the cancel flag of one job."""
+    """The recipe's view of the store: events, checkpoints, and whether to cancel or pause the job."""
 
-    def __init__(self, store: Store, job: JobRow, ft_model: str, parent_pid: int | None = None) -> None:
-        self.store, self.job, self.ft_model, self.parent_pid = store, job, ft_model, parent_pid
+    def __init__(self, store: Store, job: JobRow, ft_model: str, worker: Worker) -> None:
+        self.store, self.job, self.ft_model, self.worker = store, job, ft_model, worker
         self._checked, self._stop = 0.0, False
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
@@ -36,7 +38,7 @@ class JobHooks:
             self.store.update_job(self.job.id, hyperparameters={**self.job.hyperparameters, **data["hyperparameters"]})
 
     def checkpoint(self, ckpt) -> None:
-        self.store.add(
+        self.store.put(
             ModelRow(
                 id=f"{self.ft_model}:ckpt-step-{ckpt.step}", created_at=now(), kind="checkpoint", owned_by="user",
                 path=str(ckpt.path), base_model=self.job.model, method=_method(ckpt.path), job_id=self.job.id,
@@ -47,13 +49,16 @@ class JobHooks:
     def checkpoint_deleted(self, ckpt) -> None:
         self.store.delete(ModelRow, f"{self.ft_model}:ckpt-step-{ckpt.step}")
 
-    def should_stop(self) -> bool:
-        # One indexed read per second at most: cancel lands within a step or a second.
+    def should_stop(self) -> bool | str:
+        """False to go on; "pause" to stop keeping a resumable state; True to cancel."""
+        # One indexed read per second at most: cancel and pause land within a step or a second.
         if not self._stop and time.monotonic() - self._checked > 1.0:
             self._checked = time.monotonic()
-            self._stop = self.store.job_status(self.job.id) != "running"
-            # An embedded worker whose server is gone stops too; the next worker requeues the job.
-            self._stop |= self.parent_pid is not None and not _alive(self.parent_pid)
+            status = self.store.job_status(self.job.id)
+            if status == "pausing" or (status == "running" and self.worker.stopping()):
+                self._stop = "pause"  # a worker shutting down pauses its job too, and queues it again
+            elif status != "running":
+                self._stop = True
         return self._stop
 
 
@@ -82,23 +87,41 @@ class Worker:
         self.blobs = BlobStore(settings.blob_path)
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.parent_pid = parent_pid
+        self._signalled = False
+
+    def stopping(self) -> bool:
+        """SIGTERM/SIGINT received, or (embedded worker) the server is gone."""
+        return self._signalled or (self.parent_pid is not None and not _alive(self.parent_pid))
 
     def run_forever(self) -> None:
+        """Train queued jobs until stopped. A stop pauses the running job after its current step and
+        queues it again, so the next worker goes on from there; a second Ctrl-C quits at once."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         log.info("worker %s polling %s", self.id, self.settings.db_url)
         self.requeue_orphans()
-        while self.parent_pid is None or _alive(self.parent_pid):
+        while not self.stopping():
             if not self.run_once():
                 time.sleep(self.settings.worker_poll_seconds)
 
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self._signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signalled = True
+        log.info("worker %s stopping: a running job is paused after its current step and queued again", self.id)
+
     def requeue_orphans(self) -> None:
-        """Jobs left ``running`` by a dead worker on this host go back to the queue."""
+        """Jobs held by a dead worker on this host: running ones go back to the queue, pausing ones are paused."""
         host = socket.gethostname()
         for job in self.store.jobs_running():
             owner, _, pid = (job.worker_id or "").rpartition(":")
             if owner == host and pid.isdigit() and not _alive(int(pid)):
-                if self.store.update_job(job.id, only_if_status=["running"], status="queued", worker_id=None):
-                    self.store.add_event(job.id, "The worker running this job stopped; the job is queued again",
-                                         level="warn")
+                self.store.update_job(job.id, only_if_status=["running"], status="queued", worker_id=None,
+                                      event="The worker running this job stopped; the job is queued again",
+                                      event_level="warn")
+                self.store.update_job(job.id, only_if_status=["pausing"], status="paused", worker_id=None,
+                                      event="The worker running this job stopped; the job is paused",
+                                      event_level="warn")
 
     def run_once(self) -> bool:
         """Claim and run one job; False when none was queued."""
@@ -109,22 +132,30 @@ class Worker:
         return True
 
     def _run(self, job: JobRow) -> None:
-        from tunelab.training.recipe import Cancelled, TrainingError, train
+        from tunelab.training import resume
+        from tunelab.training.recipe import Cancelled, Paused, TrainingError, train
         from tunelab.training.tracking import TrackedHooks
 
         ft_model = fine_tuned_model_id(job)
-        hooks = JobHooks(self.store, job, ft_model, self.parent_pid)
-        hooks.event("Fine-tuning job started")
-        tracker = self._tracker(job, ft_model, hooks)
+        hooks = JobHooks(self.store, job, ft_model, self)
+        resuming = resume.exists(self.settings.jobs_path / job.id)
+        hooks.event(f"Fine-tuning job {'resumed' if resuming else 'started'} on worker {self.id}")
+        tracker = self._tracker(job, ft_model, hooks, resuming)
         try:
             spec = self._spec(job)
             self._check_lengths(spec, hooks, tracker)
             result = train(spec, TrackedHooks(hooks, tracker))
+        except Paused as stop:
+            tracker.finish("paused")
+            if self.store.update_job(job.id, only_if_status=["pausing"], status="paused", worker_id=None,
+                                     event=f"Job paused after step {stop.step}; resume it to go on from there"):
+                return
+            self.store.update_job(job.id, only_if_status=["running"], status="queued", worker_id=None,
+                                  event=f"Training stopped after step {stop.step}: the worker is shutting down; the "
+                                        "job is queued again and goes on from there", event_level="warn")
+            return
         except Cancelled:
-            if self.store.job_status(job.id) == "running":  # our server went away, not a cancel
-                hooks.event("Training stopped: the worker is shutting down; the job will be queued again", level="warn")
-            else:
-                hooks.event("Training stopped: the job was cancelled")
+            hooks.event("Training stopped: the job was cancelled")
             tracker.finish("cancelled")
             return
         except TrainingError as exc:
@@ -136,11 +167,14 @@ class Worker:
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
         self._succeed(job, ft_model, result, tracker)
 
-    def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks):
-        """The job's MLflow run; a tracking problem becomes a warning event, never a failed job."""
+    def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks, resuming: bool):
+        """The job's MLflow run (a resumed job goes on with its own); a tracking problem becomes a
+        warning event, never a failed job."""
         from tunelab.training.tracking import JobTracker, tracking_uri
 
+        runs = [i["mlflow"]["run_id"] for i in job.integrations or [] if i.get("type") == "mlflow"]
         tracker = JobTracker(
+            run_id=runs[0] if resuming and runs else None,
             tracking_uri=tracking_uri(self.settings.data_path), experiment=self.settings.mlflow_experiment,
             job_id=job.id, run_name=ft_model, on_warning=lambda m: hooks.event(m, level="warn"),
             on_started=lambda entry: self.store.update_job(job.id, integrations=[entry]),
@@ -164,6 +198,7 @@ class Worker:
             batch_size=hp.get("batch_size", "auto"),
             learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
             device=self.settings.device,
+            cpu_threads=self.settings.train_threads,
             **extras,
         )
 
@@ -183,7 +218,7 @@ class Worker:
 
     def _fail(self, job: JobRow, code: str, message: str) -> None:
         error = {"code": code, "message": message, "param": None}
-        self.store.update_job(job.id, only_if_status=["running"], status="failed", error=error, finished_at=now(),
+        self.store.update_job(job.id, only_if_status=HELD, status="failed", error=error, finished_at=now(),
                               event=f"Fine-tuning job failed: {message}", event_level="error")
 
     def _succeed(self, job: JobRow, ft_model: str, result, tracker) -> None:
@@ -204,7 +239,7 @@ class Worker:
                                 job_id=job.id))
         self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
         done = self.store.update_job(
-            job.id, only_if_status=["running"], status="succeeded", fine_tuned_model=ft_model,
+            job.id, only_if_status=HELD, status="succeeded", fine_tuned_model=ft_model,
             trained_tokens=result.trained_tokens, finished_at=now(), result_files=[results_id],
             hyperparameters={**job.hyperparameters, **result.hyperparameters},
             integrations=[tracker.integration()] if tracker.integration() else [],
