@@ -63,6 +63,13 @@ class Server:
             r = requests.get(url, params={"api-version": "2023-05-01"}, headers=headers)
         return r.json()
 
+    def wait_training(self, job_id: str, timeout: float = 600) -> None:
+        """Wait until the job has trained its first step."""
+        jobs, deadline = self.openai().fine_tuning.jobs, time.time() + timeout
+        while not any(e.type == "metrics" for e in jobs.list_events(job_id)):
+            assert time.time() < deadline, "the job never started training"
+            time.sleep(0.5)
+
     def wait_job(self, job_id: str, timeout: float = 600):
         client = self.openai()
         deadline = time.time() + timeout

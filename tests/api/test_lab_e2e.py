@@ -93,12 +93,38 @@ def test_checkpoint_deploys_too(server, client, finished_job):
     assert r.choices[0].message.content.strip()
 
 
+def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, lab_files, finished_job):
+    parent = server.wait_job(finished_job)
+    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0], seed=105,
+                                         suffix="more", hyperparameters={"n_epochs": 1})
+    assert job.model == parent.fine_tuned_model
+    done = server.wait_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith(f"ft:{BASE_MODEL}:more:")  # named after the base model
+    assert done.method.supervised.hyperparameters.model_extra["lora_rank"] == 16  # the parent's adapter
+
+    def first_loss(job_id: str) -> float:
+        return min((e for e in client.fine_tuning.jobs.list_events(job_id) if e.type == "metrics"),
+                   key=lambda e: e.data["step"]).data["train_loss"]
+
+    # It starts where the parent ended (2 epochs on these examples), not from the base model.
+    assert first_loss(job.id) < first_loss(finished_job) - 0.3
+    answer = client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, temperature=0,
+                                            max_tokens=60)
+    assert answer.choices[0].message.content.strip() and answer.choices[0].finish_reason == "stop"
+
+
+def test_continuing_with_another_method_is_a_400(client, lab_files, finished_job, server):
+    parent = server.wait_job(finished_job)
+    with pytest.raises(openai.BadRequestError, match="LoRA") as err:
+        client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0],
+                                       method={"type": "supervised", "supervised": {"hyperparameters": {"lora_rank": 0}}})
+    assert err.value.body["param"] == "lora_rank"
+
+
 def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
     job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 20})
-    deadline = time.time() + 600
-    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):  # mid-epoch
-        assert time.time() < deadline, "the job never started training"
-        time.sleep(0.5)
+    server.wait_training(job.id)  # mid-epoch
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
     time.sleep(3)
@@ -137,10 +163,7 @@ def _wait_status(client, job_id: str, status: str, timeout: float = 300):
 def test_pause_then_resume_trains_every_step_once(server, client, lab_files):
     job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], seed=5,
                                          hyperparameters={"n_epochs": 3, "batch_size": 2})  # 18 steps
-    deadline = time.time() + 600
-    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
-        assert time.time() < deadline, "the job never started training"
-        time.sleep(0.5)
+    server.wait_training(job.id)
     assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")
     _wait_status(client, job.id, "paused")
     events = list(client.fine_tuning.jobs.list_events(job.id))
@@ -169,10 +192,7 @@ def test_a_restarted_server_goes_on_with_the_job(tmp_path):
             training_file = client.files.create(file=f, purpose="fine-tune").id
         job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=training_file,
                                              hyperparameters={"n_epochs": 2, "batch_size": 2})  # 12 steps
-        deadline = time.time() + 600
-        while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)):
-            assert time.time() < deadline, "the job never started training"
-            time.sleep(0.5)
+        srv.wait_training(job.id)
         stop_server(srv)  # SIGTERM, as a service manager or Ctrl-C would stop it
         srv = start_server(tmp_path / "data")
         done = srv.wait_job(job.id)

@@ -189,6 +189,21 @@ def test_step_metrics_carry_the_learning_rate_and_throughput(tiny_dir, chat_file
     assert "learning_rate" not in hooks.checkpoints[0].metrics
 
 
+def test_continuing_a_lora_model_starts_from_its_adapter(tiny_dir, chat_files, tmp_path):
+    first = train(spec(tiny_dir, chat_files, tmp_path / "first", lora_rank=4, lora_alpha=8), RecordingHooks())
+    # A learning rate too small to move anything: the result is the adapter it started from.
+    more = train(spec(tiny_dir, chat_files, tmp_path / "more", n_epochs=1, learning_rate_multiplier=1e-9,
+                      init_adapter=first.final_dir), RecordingHooks())
+    assert more.hyperparameters["lora_rank"] == 4 and more.hyperparameters["lora_alpha"] == 8  # the adapter's own
+    a = load_file(first.final_dir / "adapter_model.safetensors")
+    b = load_file(more.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = train(spec(tiny_dir, chat_files, tmp_path / "fresh", n_epochs=1, learning_rate_multiplier=1e-9,
+                       lora_rank=4, lora_alpha=8), RecordingHooks())
+    c = load_file(fresh.final_dir / "adapter_model.safetensors")
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # the check above can fail
+
+
 def test_a_step_split_into_several_rows_has_the_same_loss(tiny_dir, chat_files, tmp_path, monkeypatch):
     # The loss is the mean over the step's trained tokens, however the step is split into rows.
     one_row = train(spec(tiny_dir, chat_files, tmp_path / "a", batch_size=5, n_epochs=2), RecordingHooks())
@@ -225,6 +240,27 @@ def test_out_of_memory_becomes_an_actionable_training_error(tiny_dir, chat_files
     monkeypatch.setattr(recipe_module, "_train_step", oom)
     with pytest.raises(TrainingError, match=r"out of GPU memory .*batch_size=2.*lower batch_size.*max_length.*LoRA"):
         train(spec(tiny_dir, chat_files, tmp_path / "job", lora_rank=0), RecordingHooks())
+
+
+@pytest.mark.parametrize("lora_rank", [16, 0], ids=["lora", "full"])
+def test_out_of_memory_turns_on_activation_checkpointing_once(tiny_dir, chat_files, tmp_path, monkeypatch, lora_rank):
+    # A device that only fits the step with activation checkpointing on.
+    real = recipe_module._train_step
+
+    def fits_only_when_checkpointing(model, batch, device):
+        if not recipe_module._checkpointing(model):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch, device)
+
+    plain = train(spec(tiny_dir, chat_files, tmp_path / "plain", lora_rank=lora_rank), RecordingHooks())
+    monkeypatch.setattr(recipe_module, "_train_step", fits_only_when_checkpointing)
+    hooks = RecordingHooks()
+    result = train(spec(tiny_dir, chat_files, tmp_path / "job", lora_rank=lora_rank), hooks)
+    warnings = [e["message"] for e in hooks.events if e["level"] == "warn" and "memory" in e["message"]]
+    assert warnings == ["Out of memory at step 1: training goes on with activation checkpointing (slower, much less memory)"]
+    # recomputing activations gives the same numbers
+    for a, b in zip(read_csv(plain.results_csv), read_csv(result.results_csv), strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
 
 
 def test_valid_sample_numbers_from_the_full_pass_match_a_pass_of_their_own(tiny_dir, tokenizer):

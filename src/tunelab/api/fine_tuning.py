@@ -6,6 +6,7 @@ The API never trains: a job is a row that a worker process claims once it is ``q
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Query
 from tunelab.api.deps import State
 from tunelab.api.errors import InvalidRequest, NotFound
 from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
+from tunelab.models.catalog import lora_settings
 from tunelab.store.db import ACTIVE_JOB_STATES, new_id, now
 from tunelab.store.tables import FileRow, JobRow, ModelRow
 
@@ -41,13 +43,16 @@ def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
 
 @router.post("/fine_tuning/jobs")
 def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
-    base = state.store.get(ModelRow, body.model)
-    if base is None or base.kind != "base":
+    start = state.store.get(ModelRow, body.model)
+    if start is None or start.kind not in ("base", "fine-tuned", "checkpoint"):
         known = ", ".join(m.id for m in state.store.models(kind="base"))
         raise InvalidRequest(
-            f"Model {body.model} is not a base model tunelab can fine-tune (available: {known}).",
+            f"Model {body.model} cannot be fine-tuned: give a base model ({known}), a fine-tuned model or a checkpoint.",
             param="model", code="model_not_available",
         )
+    hyperparameters = body.resolved_hyperparameters()
+    if start.kind != "base":
+        hyperparameters = _going_on_from(start, hyperparameters)
     if body.integrations:
         raise InvalidRequest("Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations")
     files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
@@ -58,13 +63,28 @@ def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
         id=new_id("ftjob"), created_at=now(), model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix, user_metadata=body.metadata, method={"type": "supervised"},
-        hyperparameters=body.resolved_hyperparameters(), status="validating_files", result_files=[],
+        hyperparameters=hyperparameters, status="validating_files", result_files=[],
     )
     state.store.add(job)
     state.store.add_event(job.id, f"Validating training file: {body.training_file}" + (
         f" and validation file: {body.validation_file}" if body.validation_file else ""))
     _finish_validation(state, job, files)
     return FineTuningJob.from_row(state.store.get(JobRow, job.id))
+
+
+def _going_on_from(model: ModelRow, hp: dict) -> dict:
+    """A fine-tuned model is trained further by its own method: its LoRA adapter, or all its weights."""
+    if model.method == "full":
+        if hp.get("lora_rank"):
+            raise InvalidRequest(f"Model {model.id} was fully fine-tuned; it can only be fine-tuned further in full "
+                                 "(leave lora_rank unset or 0).", param="lora_rank")
+        return hp | {"lora_rank": 0}
+    own = lora_settings(Path(model.path))
+    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
+        if hp.get(key) is not None and hp[key] != own[key]:
+            raise InvalidRequest(f"Model {model.id} is a LoRA adapter with {key} {own[key]}; fine-tuning it further "
+                                 f"trains that adapter (leave {key} unset).", param=key)
+    return hp | own
 
 
 def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> None:

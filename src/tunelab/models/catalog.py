@@ -8,6 +8,7 @@ checkpoints written by jobs.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,16 +59,40 @@ def max_context(model_dir: Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
-def served_model(store: Store, model_id: str, cache_dir: Path) -> "ServedModel":
-    """What the engine must load to serve ``model_id`` (base, fine-tuned model or checkpoint)."""
-    from tunelab.serving.engine import ServedModel
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are: what serving loads, and where a job that fine-tunes it starts."""
 
+    base_model: str
+    """The base model at the root (a fine-tuned model is named after it and shares it when served)."""
+    model_dir: Path
+    """An HF folder: the base model, or a fully fine-tuned model."""
+    adapter_dir: Path | None = None
+    """A LoRA adapter on ``model_dir``; None for base and fully fine-tuned models."""
+
+
+def model_source(store: Store, model_id: str, cache_dir: Path) -> ModelSource:
+    """The weights of ``model_id``: a base model, a fine-tuned model or a checkpoint."""
     row = store.get(ModelRow, model_id)
     if row is None:
         raise ModelNotFound(model_id)
     if row.kind == "base":
-        return ServedModel(model_id, base_model_dir(store, model_id, cache_dir))
+        return ModelSource(model_id, base_model_dir(store, model_id, cache_dir))
     assert row.path is not None and row.base_model is not None
     if row.method == "full":
-        return ServedModel(model_id, Path(row.path))
-    return ServedModel(model_id, base_model_dir(store, row.base_model, cache_dir), adapter_dir=Path(row.path))
+        return ModelSource(row.base_model, Path(row.path))
+    return ModelSource(row.base_model, base_model_dir(store, row.base_model, cache_dir), adapter_dir=Path(row.path))
+
+
+def lora_settings(adapter_dir: Path) -> dict[str, int | float]:
+    """``lora_rank``, ``lora_alpha``, ``lora_dropout`` of a PEFT LoRA adapter folder."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return {"lora_rank": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": config["lora_dropout"]}
+
+
+def served_model(store: Store, model_id: str, cache_dir: Path) -> "ServedModel":
+    """What the engine must load to serve ``model_id`` (base, fine-tuned model or checkpoint)."""
+    from tunelab.serving.engine import ServedModel
+
+    source = model_source(store, model_id, cache_dir)
+    return ServedModel(model_id, source.model_dir, adapter_dir=source.adapter_dir)

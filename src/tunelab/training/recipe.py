@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -86,6 +86,9 @@ class TrainSpec:
     """Dropout on the LoRA input."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None = every linear projection except the LM head."""
+    init_adapter: Path | None = None
+    """A LoRA adapter of ``base_model_dir`` to train further (fine-tuning a fine-tuned model); its
+    rank, alpha, dropout and target modules replace the lora_* fields."""
     max_length: int | None = None
     """Truncate examples longer than this many tokens; None = the model's context length."""
     device: str = "auto"
@@ -155,6 +158,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         TrainingError: bad data or hyperparameters, out of memory; the message is for the user.
     """
     # -- setup -----------------------------------------------------------------------------------
+    if spec.init_adapter is not None:
+        spec = _continue_adapter(spec)
     device = _resolve_device(spec.device)
     set_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
@@ -212,8 +217,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                 learning_rate = scheduler.get_last_lr()[0]
                 started_at = time.perf_counter()
                 model.train()
-                with autocast:
-                    loss, accuracy, n_trained = _train_step(model, batch, device)
+                loss, accuracy, n_trained = _train_step_within_memory(model, batch, device, autocast, hooks, step)
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
@@ -262,6 +266,18 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
 
 # -- setup helpers ---------------------------------------------------------------------------------
+def _continue_adapter(spec: TrainSpec) -> TrainSpec:
+    """The spec with the lora_* settings of the adapter it goes on training."""
+    try:
+        config = json.loads((spec.init_adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"init_adapter {spec.init_adapter} is not a LoRA adapter folder: {e}") from None
+    if spec.lora_rank == 0:
+        raise TrainingError("lora_rank: 0 (full fine-tuning) cannot go on training a LoRA adapter")
+    return replace(spec, lora_rank=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                   lora_target_modules=None)
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,8 +363,12 @@ def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparamete
         model.requires_grad_(True)
         return model
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if spec.init_adapter is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
     config = LoraConfig(
         r=hp.lora_rank,
         lora_alpha=hp.lora_alpha,
@@ -443,6 +463,38 @@ def _train_step(
         loss_sum += losses.sum().item()
         correct += int(hits.sum())
     return loss_sum / n_trained, correct / n_trained, n_trained
+
+
+def _train_step_within_memory(
+    model: torch.nn.Module, batch: list[TokenizedExample], device: torch.device, autocast, hooks: TrainHooks, step: int
+) -> tuple[float, float, int]:
+    """``_train_step``; on the first out-of-memory, turn on activation checkpointing and try again.
+
+    Checkpointing keeps one tensor per layer instead of every activation and recomputes the rest in
+    the backward pass: ~30% slower, a fraction of the memory. A second out-of-memory is the user's.
+    """
+    try:
+        with autocast:
+            return _train_step(model, batch, device)
+    except torch.OutOfMemoryError:
+        if _checkpointing(model):
+            raise
+    model.zero_grad(set_to_none=True)  # the failed step's partial gradients
+    _release_memory(device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
+    kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad (frozen embeddings)
+    if hasattr(base, "activation_checkpointing_enable"):  # newer transformers; the old name is its deprecated alias
+        base.activation_checkpointing_enable(kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    hooks.event(f"Out of memory at step {step}: training goes on with activation checkpointing "
+                "(slower, much less memory)", level="warn")
+    with autocast:
+        return _train_step(model, batch, device)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _validate(

