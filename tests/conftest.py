@@ -133,6 +133,44 @@ def lab_files(client: OpenAI) -> tuple[str, str]:
     return ids[0], ids[1]
 
 
+# -- models: the bundled one, and a tiny random llama with its tokenizer -----------------------------
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    from tunelab.models.bundled import BundledModelMissing, bundled_model_dir
+
+    try:
+        return bundled_model_dir(Path("~/.cache/tunelab").expanduser())
+    except BundledModelMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(bundled_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path, tokenizer) -> Path:
+    """A 2-layer random-init llama with the bundled tokenizer: the recipe's mechanics in milliseconds."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # -- PostgreSQL: a real server in a temporary folder -----------------------------------------------------
 def _postgres_binary(name: str) -> str | None:
     """``name`` on PATH, else in Debian's versioned folder (the client packages put only wrappers on PATH)."""

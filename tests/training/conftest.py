@@ -65,43 +65,6 @@ class RecordingHooks:
         return [e["data"] for e in self.events if e["type"] == "metrics"]
 
 
-@pytest.fixture(scope="session")
-def bundled_dir() -> Path:
-    from tunelab.models.bundled import BundledModelMissing, bundled_model_dir
-
-    try:
-        return bundled_model_dir(Path("~/.cache/tunelab").expanduser())
-    except BundledModelMissing as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(bundled_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bundled_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path, tokenizer) -> Path:
-    """A 2-layer random-init llama with the bundled tokenizer: the recipe's mechanics in milliseconds."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def chat_files(tmp_path: Path) -> tuple[Path, Path]:
     train = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in CHATS[:5]])

@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = Store(settings.db_url)
     ensure_bundled(store)
     api_key, _ = resolve_api_key(settings, store)
-    engine = Engine(settings.device)
+    engine = Engine(settings.device, max_batch=settings.max_batch)
     state = AppState(
         settings=settings, store=store, blobs=BlobStore(settings.blob_path),
         deployer=Deployer(store, engine, settings.cache_path), api_key=api_key,

@@ -1,9 +1,10 @@
 """The generation engine: loads served models and generates chat completions.
 
 Many fine-tuned LoRA adapters share one copy of their base model in memory: each base is loaded
-once and wrapped in a ``PeftModel`` holding every adapter deployed on it; a request selects its
-adapter under the base's lock. Full fine-tunes are models of their own. The engine loads
-artefacts only (HF folders and PEFT adapter folders) and never imports the trainer.
+once and wrapped in a ``PeftModel`` holding every adapter deployed on it. Concurrent requests on
+one base are batched (batcher.py), each row with its own adapter; streamed and seeded requests run
+alone under the base's lock. Full fine-tunes are models of their own. The engine loads artefacts
+only (HF folders and PEFT adapter folders) and never imports the trainer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tunelab.serving.batcher import Batcher, Request
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class _Loaded:
     tokenizer: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     users: dict[str, str | None] = field(default_factory=dict)  # model id -> adapter name
+    batcher: Batcher | None = None
 
 
 def pick_device(setting: str) -> torch.device:
@@ -58,8 +62,9 @@ def pick_device(setting: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", max_batch: int = 8) -> None:
         self.device = pick_device(device)
+        self.max_batch = max_batch
         self._bases: dict[Path, _Loaded] = {}
         self._where: dict[str, Path] = {}  # model id -> key into _bases
         self._lock = threading.Lock()
@@ -98,6 +103,11 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def batch_sizes(self, model_id: str) -> dict[int, int]:
+        """Batches run so far on ``model_id``'s base: {requests in the batch: how many such batches}."""
+        loaded, _ = self._get(model_id)
+        return dict(loaded.batcher.sizes) if loaded.batcher else {}
+
     def prompt_tokens(self, model_id: str, messages: list[dict]) -> int:
         loaded, _ = self._get(model_id)
         return int(self._prompt(loaded, messages).shape[1])
@@ -105,6 +115,12 @@ class Engine:
     def generate(self, model_id: str, messages: list[dict], params: SamplingParams) -> tuple[list[Completion], int]:
         """Return ``params.n`` completions and the prompt's token count."""
         loaded, adapter = self._get(model_id)
+        if params.n == 1 and params.seed is None and loaded.batcher is not None:
+            prompt = self._prompt(loaded, messages)
+            self._room(loaded, prompt.shape[1])
+            request = Request(prompt[0].tolist(), adapter, params)
+            return [loaded.batcher.submit(request).result()], int(prompt.shape[1])
+        # n > 1 samples one prompt n times; a seed must not share its RNG stream with other rows.
         with loaded.lock, _selected(loaded.model, adapter):
             prompt = self._prompt(loaded, messages)
             _seed(params.seed)
@@ -165,22 +181,53 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return _Loaded(model=model, tokenizer=tokenizer)
+        loaded = _Loaded(model=model, tokenizer=tokenizer)
+        if self.max_batch > 1:
+            loaded.batcher = Batcher(lambda batch: self._run_batch(loaded, batch), self.max_batch, model_dir.name)
+        return loaded
+
+    def _run_batch(self, loaded: _Loaded, batch: list[Request]) -> None:
+        """One ``generate`` for requests of one key: prompts left-padded, an adapter per row."""
+        from peft import PeftModel
+
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt) :] = 1
+        room = self._room(loaded, width)
+        longest = max(min(r.params.max_tokens or room, room) for r in batch)
+        kwargs = self._decoding_kwargs(loaded, batch[0].params)
+        with loaded.lock:
+            if isinstance(loaded.model, PeftModel):
+                kwargs["adapter_names"] = [r.adapter or "__base__" for r in batch]
+            out = loaded.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                        max_new_tokens=longest, **kwargs)
+        for i, r in enumerate(batch):
+            r.future.set_result(self._finish(loaded, out[i, width : width + (r.params.max_tokens or room)], r.params))
 
     def _prompt(self, loaded: _Loaded, messages: list[dict]) -> torch.Tensor:
         ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
         return torch.tensor([ids], device=self.device)
 
-    def _generate_kwargs(self, loaded: _Loaded, prompt: torch.Tensor, params: SamplingParams) -> dict[str, Any]:
+    def _room(self, loaded: _Loaded, prompt_tokens: int) -> int:
+        """Tokens left in the context after the prompt; PromptTooLong when none."""
         context = loaded.model.config.max_position_embeddings
-        room = context - prompt.shape[1]
-        if room <= 0:
-            raise PromptTooLong(prompt.shape[1], context)
-        kwargs: dict[str, Any] = {
+        if prompt_tokens >= context:
+            raise PromptTooLong(prompt_tokens, context)
+        return context - prompt_tokens
+
+    def _generate_kwargs(self, loaded: _Loaded, prompt: torch.Tensor, params: SamplingParams) -> dict[str, Any]:
+        room = self._room(loaded, prompt.shape[1])
+        return {
             "max_new_tokens": min(params.max_tokens or room, room),
             "attention_mask": torch.ones_like(prompt),
-            "pad_token_id": loaded.tokenizer.pad_token_id,
+            **self._decoding_kwargs(loaded, params),
         }
+
+    def _decoding_kwargs(self, loaded: _Loaded, params: SamplingParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"pad_token_id": loaded.tokenizer.pad_token_id}
         if params.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
