@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         default=None, description="CPU threads per training job; default every core (set 1 for several workers on one CPU)."
     )
     max_batch: int = Field(default=8, ge=1, description="Chat requests batched into one generate per model; 1 = none.")
+    rate_limits: bool = Field(
+        default=False, description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit)."
+    )
     mlflow_experiment: str = Field(default="tunelab", description="MLflow experiment of every job's run.")
     mlflow_model_name: str = Field(
         default="{base}-{suffix}", description="Registered model name; {base}: base id after its last '/'."

@@ -14,6 +14,7 @@ from tunelab.config import Settings
 from tunelab.models.catalog import ensure_bundled
 from tunelab.serving.deployer import Deployer
 from tunelab.serving.engine import Engine
+from tunelab.serving.ratelimit import RateLimiter
 from tunelab.store import Store
 from tunelab.store.blobs import BlobStore
 
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
     state = AppState(
         settings=settings, store=store, blobs=BlobStore(settings.blob_path),
         deployer=Deployer(store, engine, settings.cache_path), api_key=api_key,
+        limiter=RateLimiter() if settings.rate_limits else None,
     )
 
     app = FastAPI(title="tunelab", version=__version__)

@@ -8,14 +8,15 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunelab.api.deps import State
-from tunelab.api.errors import APIError, InvalidRequest, NotFound
+from tunelab.api.errors import APIError, InvalidRequest, NotFound, RateLimited
 from tunelab.api.protocol import ChatCompletionRequest, Usage
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound
 from tunelab.serving.engine import Completion, PromptTooLong, SamplingParams
 from tunelab.store.db import new_id
+from tunelab.store.tables import DeploymentRow
 
 router = APIRouter(tags=["chat"])
 
@@ -50,16 +51,17 @@ async def _complete(state: State, body: ChatCompletionRequest, name: str):
     engine = state.deployer.engine
     completion_id, created = new_id("chatcmpl"), int(time.time())
     try:
+        headers = _rate_limit(state, name, model, messages, params)
         if body.stream:
             prompt_tokens = engine.prompt_tokens(model, messages)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(engine.stream(model, messages, params), completion_id, created, model, prompt_tokens, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         completions, prompt_tokens = await run_in_threadpool(engine.generate, model, messages, params)
     except PromptTooLong as exc:
         raise InvalidRequest(str(exc), param="messages", code="context_length_exceeded") from None
     completion_tokens = sum(c.tokens for c in completions)
-    return {
+    return JSONResponse(headers=headers, content={
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
@@ -76,7 +78,27 @@ async def _complete(state: State, body: ChatCompletionRequest, name: str):
         "usage": Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                        total_tokens=prompt_tokens + completion_tokens).model_dump(),
         "system_fingerprint": None,
-    }
+    })
+
+
+def _rate_limit(state: State, name: str, model: str, messages: list[dict], params: SamplingParams) -> dict[str, str]:
+    """Count the request against its deployment's capacity (when limits are on); 429 when over it."""
+    if state.limiter is None:
+        return {}
+    deployment = state.store.get(DeploymentRow, name)
+    if deployment is None:  # a model called by its id: no deployment, no quota
+        return {}
+    capacity = int((deployment.sku or {}).get("capacity") or 1)
+    tokens = state.deployer.engine.prompt_tokens(model, messages) + (params.max_tokens or 0) * params.n
+    decision = state.limiter.take(name, capacity, tokens)
+    if not decision.allowed:
+        raise RateLimited(
+            f"Requests to deployment '{name}' have exceeded its {decision.exceeded} rate limit "
+            f"({decision.limit_requests} requests, {decision.limit_tokens} tokens per minute at capacity {capacity}). "
+            f"Please retry after {decision.headers()['retry-after']} seconds.",
+            limit=decision.exceeded, headers=decision.headers(),
+        )
+    return decision.headers()
 
 
 def _sse(

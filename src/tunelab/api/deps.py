@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from tunelab.api.errors import Unauthorized
 from tunelab.config import Settings
 from tunelab.serving.deployer import Deployer
+from tunelab.serving.ratelimit import RateLimiter
 from tunelab.store import Store
 from tunelab.store.blobs import BlobStore
 
@@ -22,6 +23,7 @@ class AppState:
     blobs: BlobStore
     deployer: Deployer
     api_key: str
+    limiter: RateLimiter | None = None  # None: rate limits are off
 
 
 def get_state(request: Request) -> AppState:

@@ -21,10 +21,13 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -52,6 +55,15 @@ class Conflict(APIError):
     code = "conflict"
 
 
+class RateLimited(APIError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.type = limit  # "requests" or "tokens": the limit that was hit, as OpenAI reports it
+
+
 class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -62,14 +74,16 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _respond(status: int, message: str, type: str, param: str | None, code: str | None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+def _respond(
+    status: int, message: str, type: str, param: str | None, code: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _respond(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return _respond(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
