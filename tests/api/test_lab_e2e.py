@@ -122,6 +122,16 @@ def test_continuing_with_another_method_is_a_400(client, lab_files, finished_job
     assert err.value.body["param"] == "lora_rank"
 
 
+def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, lab_files, finished_job):
+    parent = server.wait_job(finished_job)
+    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0])
+    client.fine_tuning.jobs.pause(job.id)  # queued -> paused at once, or pausing if the worker took it
+    with pytest.raises(openai.ConflictError, match=job.id):
+        client.models.delete(parent.fine_tuned_model)
+    client.fine_tuning.jobs.cancel(job.id)
+    assert client.models.retrieve(parent.fine_tuned_model).id == parent.fine_tuned_model
+
+
 def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
     job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 20})
     server.wait_training(job.id)  # mid-epoch

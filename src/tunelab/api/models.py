@@ -41,6 +41,9 @@ def delete_model(state: State, model_id: str) -> ModelDeleted:
     users = [d.name for d in state.store.deployments() if d.model == model_id]
     if users:
         raise Conflict(f"Model {model_id} is deployed as {', '.join(users)}; delete the deployment first.", param="model")
+    job = state.store.active_job_from(model_id)
+    if job:
+        raise Conflict(f"Model {model_id} is being fine-tuned further by job {job}; cancel it first.", param="model")
     state.store.delete(ModelRow, model_id)
     if row.path and row.kind == "fine-tuned":
         shutil.rmtree(Path(row.path), ignore_errors=True)

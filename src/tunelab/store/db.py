@@ -192,6 +192,11 @@ class Store:
                 )
             )
 
+    def active_job_from(self, model_id: str) -> str | None:
+        """An unfinished job that fine-tunes ``model_id`` further."""
+        with self.session() as s:
+            return s.scalar(select(JobRow.id).where(JobRow.status.in_(ACTIVE_JOB_STATES), JobRow.model == model_id))
+
     # -- events --------------------------------------------------------------------------------
     def add_event(
         self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
