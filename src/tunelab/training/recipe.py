@@ -153,8 +153,11 @@ class TrainingError(Exception):
 def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     """Fine-tune ``spec.base_model_dir`` on ``spec.training_file`` and save to ``spec.output_dir``.
 
+    Goes on from the state a pause left in ``spec.output_dir``, if there is one.
+
     Raises:
         Cancelled: ``hooks.should_stop()`` became true.
+        Paused: ``hooks.should_stop()`` returned "pause"; the state is saved for the next ``train``.
         TrainingError: bad data or hyperparameters, out of memory; the message is for the user.
     """
     # -- setup -----------------------------------------------------------------------------------
