@@ -123,13 +123,14 @@ def test_continuing_with_another_method_is_a_400(client, lab_files, finished_job
 
 
 def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, lab_files, finished_job):
-    parent = server.wait_job(finished_job)
-    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0])
+    server.wait_job(finished_job)
+    newest = client.fine_tuning.jobs.checkpoints.list(finished_job).data[0].fine_tuned_model_checkpoint  # not deployed
+    job = client.fine_tuning.jobs.create(model=newest, training_file=lab_files[0])
     client.fine_tuning.jobs.pause(job.id)  # queued -> paused at once, or pausing if the worker took it
     with pytest.raises(openai.ConflictError, match=job.id):
-        client.models.delete(parent.fine_tuned_model)
+        client.models.delete(newest)
     client.fine_tuning.jobs.cancel(job.id)
-    assert client.models.retrieve(parent.fine_tuned_model).id == parent.fine_tuned_model
+    assert client.models.retrieve(newest).id == newest
 
 
 def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
