@@ -91,14 +91,15 @@ def _rate_limit(state: State, name: str, model: str, messages: list[dict], param
     capacity = int((deployment.sku or {}).get("capacity") or 1)
     tokens = state.deployer.engine.prompt_tokens(model, messages) + (params.max_tokens or 0) * params.n
     decision = state.limiter.take(name, capacity, tokens)
+    headers = decision.headers()
     if not decision.allowed:
         raise RateLimited(
             f"Requests to deployment '{name}' have exceeded its {decision.exceeded} rate limit "
             f"({decision.limit_requests} requests, {decision.limit_tokens} tokens per minute at capacity {capacity}). "
-            f"Please retry after {decision.headers()['retry-after']} seconds.",
-            limit=decision.exceeded, headers=decision.headers(),
+            f"Please retry after {headers['retry-after']} seconds.",
+            limit=decision.exceeded, headers=headers,
         )
-    return decision.headers()
+    return headers
 
 
 def _sse(

@@ -45,6 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from tunelab.data.formats import iter_chat_examples
+from tunelab.models.catalog import lora_settings
 from tunelab.training import hparams, resume
 from tunelab.training.packing import example_of_tokens, pack, token_losses
 from tunelab.training.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
@@ -194,7 +195,6 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
         plan = _step_plan(len(train_set), hp.batch_size, hp.n_epochs, spec.seed)
         loop = _resume(spec, model, optimizer, scheduler, resolved)
-        kept = [Checkpoint(s, e, Path(p), m) for s, e, p, m in loop.kept]
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         meta = {"method": hp.method, "base_model_dir": str(spec.base_model_dir), "seed": spec.seed,
                 "hyperparameters": resolved}  # fmt: skip
@@ -244,8 +244,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     ckpt = Checkpoint(step, step // steps_per_epoch, spec.output_dir / "checkpoints" / f"step-{step}",
                                       _floats(metrics))
                     _save(model, tokenizer, ckpt.path, meta)
-                    _keep(ckpt, kept, spec.keep_checkpoints, hooks)
-                    loop.kept = [(c.step, c.epoch, str(c.path), c.metrics) for c in kept]
+                    _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
 
         final_dir = spec.output_dir / "final"
         _save(model, tokenizer, final_dir, meta)
@@ -263,7 +262,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         hyperparameters=resolved,
         final_dir=final_dir,
         results_csv=results_csv,
-        checkpoints=kept,
+        checkpoints=loop.kept,
         ends_with_eos=ends_with_eos,
     )
 
@@ -272,13 +271,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 def _continue_adapter(spec: TrainSpec) -> TrainSpec:
     """The spec with the lora_* settings of the adapter it goes on training."""
     try:
-        config = json.loads((spec.init_adapter / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
+        own = lora_settings(spec.init_adapter)
+    except (OSError, ValueError, KeyError) as e:
         raise TrainingError(f"init_adapter {spec.init_adapter} is not a LoRA adapter folder: {e}") from None
     if spec.lora_rank == 0:
         raise TrainingError("lora_rank: 0 (full fine-tuning) cannot go on training a LoRA adapter")
-    return replace(spec, lora_rank=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                   lora_target_modules=None)
+    return replace(spec, **own, lora_target_modules=None)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -441,9 +439,11 @@ def _resume(spec: TrainSpec, model: torch.nn.Module, optimizer, scheduler, resol
     if not resume.exists(spec.output_dir):
         return resume.LoopState()
     try:
-        return resume.load(spec.output_dir, model, optimizer, scheduler, resolved)
+        loop = resume.load(spec.output_dir, model, optimizer, scheduler, resolved)
     except (ValueError, KeyError, RuntimeError) as e:
         raise TrainingError(f"cannot resume from the paused state in {spec.output_dir}: {e}") from None
+    loop.kept = [Checkpoint(step, epoch, Path(path), metrics) for step, epoch, path, metrics in loop.kept]
+    return loop
 
 
 def _read_results(path: Path, upto: int) -> list[dict[str, str]]:

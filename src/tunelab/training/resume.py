@@ -21,11 +21,11 @@ FILENAME = "resume.pt"
 
 @dataclass
 class LoopState:
-    """The step loop's counters; ``kept`` are the kept checkpoints as (step, epoch, path, metrics)."""
+    """The step loop's counters and its kept checkpoints (``recipe.Checkpoint``, oldest first)."""
 
     step: int = 0
     trained_tokens: int = 0
-    kept: list[tuple[int, int, str, dict[str, float]]] = field(default_factory=list)
+    kept: list[Any] = field(default_factory=list)
 
 
 def save(
@@ -43,7 +43,8 @@ def save(
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "loop": {"step": loop.step, "trained_tokens": loop.trained_tokens, "kept": loop.kept},
+        "loop": {"step": loop.step, "trained_tokens": loop.trained_tokens,
+                 "kept": [(c.step, c.epoch, str(c.path), c.metrics) for c in loop.kept]},
         "hyperparameters": hyperparameters,
     }
     path, tmp = folder / FILENAME, folder / (FILENAME + ".tmp")
@@ -63,7 +64,10 @@ def load(
     scheduler: Any,
     hyperparameters: dict,
 ) -> LoopState:
-    """Restore the state into a freshly built model/optimizer/scheduler; ValueError if it is not this run's."""
+    """Restore the state into a freshly built model/optimizer/scheduler; ValueError if it is not this run's.
+
+    The kept checkpoints come back as (step, epoch, path, metrics) tuples.
+    """
     state = torch.load(folder / FILENAME, map_location="cpu", weights_only=True)
     if state["hyperparameters"] != hyperparameters:
         raise ValueError("it was saved with other hyperparameters")
