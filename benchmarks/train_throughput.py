@@ -138,34 +138,41 @@ def run_naive(model_dir: Path, train_file: Path, work: Path, max_steps: int, dev
 
 # -- tunelab ---------------------------------------------------------------------------------------
 class TimingHooks:
-    """TrainHooks that time the training loop: from "Training started" to the last step's metrics."""
+    """TrainHooks that time the training loop: from its start to the last step's metrics."""
 
     def __init__(self) -> None:
         self.start = self.end = 0.0
         self.last: dict = {}
 
-    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
-        if message.startswith("Training started"):
-            self.start = time.perf_counter()
-        if type == "metrics":
-            self.end, self.last = time.perf_counter(), data or {}
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None: ...
+
+    def started(self, resolved, total_steps: int) -> None:
+        self.start = time.perf_counter()
+
+    def step(self, metrics) -> None:
+        self.end, self.last = time.perf_counter(), metrics.as_dict()
 
     def checkpoint(self, ckpt) -> None: ...
     def checkpoint_deleted(self, ckpt) -> None: ...
-    def should_stop(self) -> bool:
-        return False
+
+    def should_stop(self):
+        from tunelab.training.hooks import Stop
+
+        return Stop.GO_ON
 
 
 def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.training import TrainSpec, train
+    from tunelab.training.hparams import JobSpec
+    from tunelab.training.recipe import TrainSpec, train
     from tunelab.training.tokenize import tokenize_chat
 
     hooks = TimingHooks()
     out = work / f"tunelab-{lora_rank}"
     result = train(TrainSpec(base_model_dir=model_dir, training_file=train_file, validation_file=None, output_dir=out,
-                             seed=105, n_epochs=1, batch_size=2, lora_rank=lora_rank, device=device,
+                             seed=105, hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
+                             device=device,
                              cpu_threads=torch.get_num_threads() if device == "cpu" else None), hooks)
     peak = peak_memory(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -84,11 +84,13 @@ def worker_cmd(
     parent_pid: Annotated[Optional[int], typer.Option(hidden=True, help="Exit when this process is gone.")] = None,
 ) -> None:
     """Run a training worker: claims queued jobs from the store and trains them."""
+    from tunelab.training.tracking import quiet_http_retries
     from tunelab.training.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
     _store(settings)
+    quiet_http_retries()
     try:
         Worker(settings, parent_pid=parent_pid).run_forever()
     except KeyboardInterrupt:

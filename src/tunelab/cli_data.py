@@ -7,7 +7,6 @@ upload and at job start; this module only resolves options and prints the report
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -71,6 +70,11 @@ def validate(
     ] = None,
     max_errors: Annotated[int, typer.Option("--max-errors", min=1, help="Errors listed per file.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Data folder whose model catalogue --model ids are looked up in "
+                     "(env TUNELAB_DATA_DIR, default ~/.tunelab)."),
+    ] = None,
 ) -> None:
     """Check files; exit 0 when all are valid, 1 when any has errors, 2 for usage errors."""
     try:
@@ -78,7 +82,7 @@ def validate(
         for path in paths:
             if not path.is_file():
                 raise UsageError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
-        tokenizer, context = _load_model(model) if model else (None, None)
+        tokenizer, context = _load_model(model, data_dir) if model else (None, None)
         reports = [
             validate_file(
                 path,
@@ -111,42 +115,39 @@ def _encoding_names(options: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _load_model(model: str) -> tuple[Any, int | None]:
-    """The model's tokenizer and context length (max_position_embeddings of its config.json)."""
-    folder = resolve_model(model)
+def _load_model(model: str, data_dir: Path | None) -> tuple[Any, int | None]:
+    """The tokenizer and context length of a model: a local HF folder, or an id in the catalogue."""
     from transformers import AutoTokenizer  # heavy: only when a model is asked for
 
+    from tunelab.models.folder import context_length, model_folder
+
+    path = Path(model).expanduser()
+    try:
+        folder = model_folder(path) if path.is_dir() else _catalogue_folder(model, data_dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.chat_template is None:
         raise UsageError(f"{model}: the tokenizer has no chat template")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    context = config.get("max_position_embeddings")
-    return tokenizer, context if isinstance(context, int) else None
+    return tokenizer, context_length(folder)
 
 
-def resolve_model(model: str) -> Path:
-    """A base model's HF folder: a local folder path, or the bundled model's id.
+def _catalogue_folder(model_id: str, data_dir: Path | None) -> Path:
+    from tunelab.config import Settings
+    from tunelab.models.bundled import BundledModelMissing
+    from tunelab.models.catalog import ModelNotFound, ensure_bundled, model_source
+    from tunelab.store import Store
 
-    A stand-in until the model catalogue can answer without a server store; the lead swaps it.
-    """
-    from tunelab.models.bundled import (
-        BUNDLED_ID,
-        BundledModelMissing,
-        bundled_model_dir,
-    )
-
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"{model}: not a Hugging Face model folder (no config.json)")
-        return folder
-    if model == BUNDLED_ID:
-        cache = Path(os.environ.get("TUNELAB_CACHE_DIR", "~/.cache/tunelab")).expanduser()
-        try:
-            return bundled_model_dir(cache)
-        except BundledModelMissing as exc:
-            raise UsageError(str(exc)) from exc
-    raise UsageError(f"unknown model {model!r}: give a local HF folder or {BUNDLED_ID}")
+    settings = Settings(data_dir=data_dir) if data_dir else Settings()
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    ensure_bundled(store)
+    try:
+        return model_source(store, model_id, settings.cache_path).model_dir
+    except ModelNotFound:
+        raise UsageError(f"unknown model {model_id!r}: give a local HF folder or a model id (tunelab models list)") from None
+    except BundledModelMissing as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _print_report(console: Console, report: FileReport) -> None:

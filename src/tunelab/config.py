@@ -5,12 +5,15 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "{base}-{suffix}"
+"""Registered model name of a job's model; ``{base}``: base id after its last '/', ``{suffix}``: the job's."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TUNELAB_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="TUNELAB_", extra="forbid", populate_by_name=True)
 
     data_dir: Path = Field(default=Path("~/.tunelab"), description="Database, blobs and job outputs.")
     cache_dir: Path = Field(
@@ -31,9 +34,15 @@ class Settings(BaseSettings):
     rate_limits: bool = Field(
         default=False, description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit)."
     )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TUNELAB_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="Where jobs are tracked (MLflow's own MLFLOW_TRACKING_URI works too); default a SQLite "
+        "store in the data dir.",
+    )
     mlflow_experiment: str = Field(default="tunelab", description="MLflow experiment of every job's run.")
     mlflow_model_name: str = Field(
-        default="{base}-{suffix}", description="Registered model name; {base}: base id after its last '/'."
+        default=DEFAULT_MODEL_NAME, description="Registered model name; {base}: base id after its last '/'."
     )
 
     @cached_property

@@ -6,6 +6,8 @@ import requests
 
 from tests.conftest import BASE_MODEL
 
+pytestmark = pytest.mark.integration
+
 
 def _error(r: requests.Response) -> dict:
     body = r.json()
@@ -56,9 +58,9 @@ def test_unknown_deployment_is_404_deployment_not_found(client):
     assert err.value.body["code"] == "DeploymentNotFound"
 
 
-def test_job_with_unknown_model_or_file_is_400(client, lab_files):
+def test_job_with_unknown_model_or_file_is_400(client, uploaded_lab_files):
     with pytest.raises(openai.BadRequestError) as err:
-        client.fine_tuning.jobs.create(model="gpt-4o", training_file=lab_files[0])
+        client.fine_tuning.jobs.create(model="gpt-4o", training_file=uploaded_lab_files[0])
     assert err.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as err:
         client.fine_tuning.jobs.create(model=BASE_MODEL, training_file="file-nope")

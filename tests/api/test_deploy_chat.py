@@ -6,6 +6,8 @@ import requests
 
 from tests.conftest import BASE_MODEL
 
+pytestmark = pytest.mark.integration
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -6,7 +6,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import BASE_MODEL, SAMPLES, start_server, stop_server
+from tests.conftest import BASE_MODEL, SAMPLES
+from tests.server import start_server, stop_server
+
+pytestmark = pytest.mark.integration
 
 
 def test_upload_retrieve_content_delete(client):
@@ -34,7 +37,7 @@ def test_bad_purpose_is_400(client):
     assert err.value.body["param"] == "purpose"
 
 
-def test_malformed_jsonl_names_the_line_and_keeps_everything_else(client, lab_files):
+def test_malformed_jsonl_names_the_line_and_keeps_everything_else(client, uploaded_lab_files):
     before = {f.id for f in client.files.list()}
     lines = (SAMPLES / "training_set.jsonl").read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "unterminated'
@@ -53,7 +56,7 @@ def test_malformed_jsonl_names_the_line_and_keeps_everything_else(client, lab_fi
     # Nothing else was touched: every earlier file is still there and readable.
     after = {f.id for f in client.files.list()}
     assert before <= after
-    for file_id in lab_files:
+    for file_id in uploaded_lab_files:
         assert client.files.retrieve(file_id).status == "processed"
 
 

@@ -3,7 +3,10 @@
 import openai
 import pytest
 
-from tests.conftest import BASE_MODEL, SAMPLES, start_server, stop_server
+from tests.conftest import BASE_MODEL, SAMPLES
+from tests.server import start_server, stop_server
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,18 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import BASE_MODEL, SAMPLES, SHARED_LAB, start_server, stop_server
+from tests.conftest import BASE_MODEL, SAMPLES, SHARED_LAB
+from tests.server import start_server, stop_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 QUESTION = [{"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
             {"role": "user", "content": "What is the capital of Portugal?"}]
 
 
 @pytest.fixture(scope="module")
-def finished_job(client, lab_files):
+def finished_job(client, uploaded_lab_files):
     job = client.fine_tuning.jobs.create(
-        model=BASE_MODEL, training_file=lab_files[0], validation_file=lab_files[1], seed=105, suffix="lab",
+        model=BASE_MODEL, training_file=uploaded_lab_files[0], validation_file=uploaded_lab_files[1], seed=105, suffix="lab",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     assert job.status in ("queued", "running")
@@ -93,9 +94,9 @@ def test_checkpoint_deploys_too(server, client, finished_job):
     assert r.choices[0].message.content.strip()
 
 
-def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, lab_files, finished_job):
+def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, uploaded_lab_files, finished_job):
     parent = server.wait_job(finished_job)
-    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0], seed=105,
+    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=uploaded_lab_files[0], seed=105,
                                          suffix="more", hyperparameters={"n_epochs": 1})
     assert job.model == parent.fine_tuned_model
     done = server.wait_job(job.id)
@@ -114,18 +115,18 @@ def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, lab_files,
     assert answer.choices[0].message.content.strip() and answer.choices[0].finish_reason == "stop"
 
 
-def test_continuing_with_another_method_is_a_400(client, lab_files, finished_job, server):
+def test_continuing_with_another_method_is_a_400(client, uploaded_lab_files, finished_job, server):
     parent = server.wait_job(finished_job)
     with pytest.raises(openai.BadRequestError, match="LoRA") as err:
-        client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=lab_files[0],
+        client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=uploaded_lab_files[0],
                                        method={"type": "supervised", "supervised": {"hyperparameters": {"lora_rank": 0}}})
     assert err.value.body["param"] == "lora_rank"
 
 
-def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, lab_files, finished_job):
+def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, uploaded_lab_files, finished_job):
     server.wait_job(finished_job)
     newest = client.fine_tuning.jobs.checkpoints.list(finished_job).data[0].fine_tuned_model_checkpoint  # not deployed
-    job = client.fine_tuning.jobs.create(model=newest, training_file=lab_files[0])
+    job = client.fine_tuning.jobs.create(model=newest, training_file=uploaded_lab_files[0])
     client.fine_tuning.jobs.pause(job.id)  # queued -> paused at once, or pausing if the worker took it
     with pytest.raises(openai.ConflictError, match=job.id):
         client.models.delete(newest)
@@ -133,8 +134,8 @@ def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, lab_fi
     assert client.models.retrieve(newest).id == newest
 
 
-def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
-    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 20})
+def test_cancel_mid_training_leaves_worker_healthy(server, client, uploaded_lab_files):
+    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 20})
     server.wait_training(job.id)  # mid-epoch
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
@@ -144,13 +145,13 @@ def test_cancel_mid_training_leaves_worker_healthy(server, client, lab_files):
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
     # The worker takes the next job.
-    nxt = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], hyperparameters={"n_epochs": 1})
+    nxt = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 1})
     assert server.wait_job(nxt.id).status == "succeeded"
 
 
-def test_full_fine_tuning_job_deploys_and_answers(server, client, lab_files):
+def test_full_fine_tuning_job_deploys_and_answers(server, client, uploaded_lab_files):
     job = client.fine_tuning.jobs.create(
-        model=BASE_MODEL, training_file=lab_files[0], seed=11, suffix="full",
+        model=BASE_MODEL, training_file=uploaded_lab_files[0], seed=11, suffix="full",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "lora_rank": 0}}},
     )
     done = server.wait_job(job.id)
@@ -171,8 +172,8 @@ def _wait_status(client, job_id: str, status: str, timeout: float = 300):
     return job
 
 
-def test_pause_then_resume_trains_every_step_once(server, client, lab_files):
-    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=lab_files[0], seed=5,
+def test_pause_then_resume_trains_every_step_once(server, client, uploaded_lab_files):
+    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], seed=5,
                                          hyperparameters={"n_epochs": 3, "batch_size": 2})  # 18 steps
     server.wait_training(job.id)
     assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")

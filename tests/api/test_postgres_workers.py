@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from tests.conftest import BASE_MODEL, KEY, SAMPLES, new_database, start_server, stop_server
+from tests.conftest import BASE_MODEL, KEY, SAMPLES, new_database
+from tests.server import start_server, stop_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 QUESTION = [{"role": "user", "content": "What is the capital of Portugal?"}]
 
 

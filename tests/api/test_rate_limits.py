@@ -5,7 +5,10 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import BASE_MODEL, start_server, stop_server
+from tests.conftest import BASE_MODEL
+from tests.server import start_server, stop_server
+
+pytestmark = pytest.mark.integration
 
 HI = [{"role": "user", "content": "Hi"}]
 

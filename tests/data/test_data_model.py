@@ -80,13 +80,14 @@ def test_a_template_failure_is_a_warning(write_jsonl: WriteJsonl, tokenizer: Any
     assert sum(report.tokens["cl100k_base"].histogram.counts) == 11
 
 
-def test_cli_model_option(write_jsonl: WriteJsonl, model_dir: Path) -> None:
+def test_cli_model_option(write_jsonl: WriteJsonl, model_dir: Path, tmp_path: Path) -> None:
     from tunelab.cli_data import app
     from tunelab.models.bundled import BUNDLED_ID
 
     path = write_jsonl(chats(10))
     for model in (BUNDLED_ID, str(model_dir)):
-        result = CliRunner().invoke(app, ["validate", str(path), "--model", model, "--json"])
+        result = CliRunner().invoke(app, ["validate", str(path), "--model", model, "--json",
+                                          "--data-dir", str(tmp_path / "data")])
         assert result.exit_code == 0, result.output
         [report] = json.loads(result.stdout)["files"]
         assert set(report["tokens"]) == {"cl100k_base", "model"}

@@ -14,7 +14,8 @@ import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
 
-from tunelab.serving.engine import Engine, SamplingParams, ServedModel
+from tunelab.models.catalog import ModelSource
+from tunelab.serving.engine import Engine, SamplingParams
 
 QUESTIONS = ["Who wrote Hamlet?", "What is the biggest ocean?", "Name a prime number.", "Say hi."]
 
@@ -37,9 +38,9 @@ def adapters(tiny_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 def serve(tiny_dir: Path, adapters: dict[str, Path], max_batch: int) -> Engine:
     engine = Engine("cpu", max_batch=max_batch)
-    engine.load(ServedModel("base", tiny_dir))
+    engine.load(ModelSource("base", "base", tiny_dir))
     for name, folder in adapters.items():
-        engine.load(ServedModel(name, tiny_dir, adapter_dir=folder))
+        engine.load(ModelSource(name, "base", tiny_dir, adapter_dir=folder))
     return engine
 
 

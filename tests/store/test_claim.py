@@ -11,14 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import new_database
-from tunelab.store import Store
+from tunelab.store import Store, lifecycle
 from tunelab.store.db import new_id, now
+from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import JobRow
 
 WORKERS = 8
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tunelab.db'}"
@@ -29,7 +30,7 @@ def queue_jobs(store: Store, n: int) -> list[str]:
     ids = []
     for i in range(n):
         job = JobRow(id=new_id("ftjob"), created_at=now() + i, model="m", training_file="file-x", seed=1,
-                     method={"type": "supervised"}, hyperparameters={}, status="queued", result_files=[])
+                     method={"type": "supervised"}, hyperparameters={}, status=JobStatus.QUEUED, result_files=[])
         ids.append(store.add(job).id)
     return ids
 
@@ -50,11 +51,11 @@ def race(db_url: str, work) -> list:
 def test_one_queued_job_goes_to_exactly_one_worker(db_url):
     store = Store(db_url)
     (job_id,) = queue_jobs(store, 1)
-    claims = race(db_url, lambda s, worker: s.claim_job(worker))
+    claims = race(db_url, lambda s, worker: lifecycle.claim(s, worker))
     winners = [c for c in claims if c is not None]
     assert len(winners) == 1
     row = store.get(JobRow, job_id)
-    assert row.status == "running" and row.worker_id == winners[0].worker_id
+    assert row.status is JobStatus.RUNNING and row.worker_id == winners[0].worker_id
 
 
 def test_many_jobs_many_workers_each_job_claimed_once(db_url):
@@ -63,13 +64,13 @@ def test_many_jobs_many_workers_each_job_claimed_once(db_url):
 
     def drain(s: Store, worker: str) -> list[str]:
         taken = []
-        while (job := s.claim_job(worker)) is not None:
+        while (job := lifecycle.claim(s, worker)) is not None:
             taken.append(job.id)
         return taken
 
     taken = [job for jobs in race(db_url, drain) for job in jobs]
     assert sorted(taken) == sorted(ids)  # none lost, none twice
-    assert {store.get(JobRow, i).status for i in ids} == {"running"}
+    assert {store.get(JobRow, i).status for i in ids} == {JobStatus.RUNNING}
 
 
 def test_workers_starting_together_on_an_empty_database(db_url):
@@ -82,4 +83,4 @@ def test_workers_starting_together_on_an_empty_database(db_url):
     with ThreadPoolExecutor(WORKERS) as pool:
         stores = list(pool.map(connect, range(WORKERS)))
     queue_jobs(stores[0], 1)
-    assert stores[-1].claim_job("w") is not None
+    assert lifecycle.claim(stores[-1], "w") is not None

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.training.hooks import StepMetrics, Stop
+from tunelab.training.hparams import Hyperparameters
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED_LAB = REPO.parent / "shared" / "lab"
 
@@ -39,17 +42,28 @@ def write_jsonl(path: Path, examples: list[dict]) -> Path:
 
 @dataclass
 class RecordingHooks:
-    """TrainHooks that remember everything; after ``stop_after`` polls should_stop returns ``stop_with``."""
+    """TrainHooks that remember everything; after ``stop_after`` polls should_stop returns ``stop_with``.
+
+    Steps are recorded as events too, with the message the worker's job event has.
+    """
 
     stop_after: int | None = None
-    stop_with: bool | str = True
+    stop_with: Stop = Stop.CANCEL
     events: list[dict] = field(default_factory=list)
+    started_with: list[tuple[Hyperparameters, int]] = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
     deleted: list = field(default_factory=list)
     polls: int = 0
 
-    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
-        self.events.append({"message": message, "level": level, "type": type, "data": data})
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None:
+        self.events.append({"message": message, "level": level, "type": "message", "data": data})
+
+    def started(self, resolved: Hyperparameters, total_steps: int) -> None:
+        self.started_with.append((resolved, total_steps))
+
+    def step(self, metrics: StepMetrics) -> None:
+        self.events.append({"message": metrics.message(), "level": "info", "type": "metrics",
+                            "data": metrics.as_dict()})
 
     def checkpoint(self, ckpt) -> None:
         self.checkpoints.append(ckpt)
@@ -57,9 +71,9 @@ class RecordingHooks:
     def checkpoint_deleted(self, ckpt) -> None:
         self.deleted.append(ckpt)
 
-    def should_stop(self) -> bool:
+    def should_stop(self) -> Stop:
         self.polls += 1
-        return self.stop_with if self.stop_after is not None and self.polls > self.stop_after else False
+        return self.stop_with if self.stop_after is not None and self.polls > self.stop_after else Stop.GO_ON
 
     def metrics(self) -> list[dict]:
         return [e["data"] for e in self.events if e["type"] == "metrics"]
@@ -73,7 +87,7 @@ def chat_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def lab_files() -> tuple[Path, Path]:
+def lab_paths() -> tuple[Path, Path]:
     train, valid = SHARED_LAB / "training_set.jsonl", SHARED_LAB / "validation_set.jsonl"
     if not (train.is_file() and valid.is_file()):
         pytest.skip(f"lab data not found in {SHARED_LAB}")

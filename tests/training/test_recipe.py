@@ -10,17 +10,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.training import Cancelled, Paused, TrainingError, TrainSpec, train
 from tunelab.training import recipe as recipe_module
+from tunelab.training.hooks import Stop
+from tunelab.training.hparams import JobSpec
+from tunelab.training.recipe import Cancelled, Paused, TrainingError, TrainSpec, train
 from tunelab.training.tokenize import tokenize_chat
 
 from .conftest import CHATS, RecordingHooks, chat, write_jsonl
 
 
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier", "lora_rank", "lora_alpha", "lora_dropout")
+
+
 def spec(model_dir: Path, files: tuple[Path, Path | None], out: Path, **overrides) -> TrainSpec:
+    """A TrainSpec; hyperparameter names among ``overrides`` go into its JobSpec."""
     values = dict(seed=7, n_epochs=2, batch_size=2) | overrides
+    hp = JobSpec(**{k: values.pop(k) for k in HYPERPARAMETERS if k in values})
     return TrainSpec(base_model_dir=model_dir, training_file=files[0], validation_file=files[1], output_dir=out,
-                     **values)
+                     hyperparameters=hp, **values)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -85,8 +92,8 @@ def test_full_fine_tuning_changes_the_base_weights(tiny_dir, chat_files, tmp_pat
     hooks = RecordingHooks()
     result = train(spec(tiny_dir, chat_files, tmp_path / "job", lora_rank=0), hooks)
 
-    assert result.hyperparameters["method"] == "full" and result.hyperparameters["learning_rate"] == 2e-5
-    assert "lora_rank" not in result.hyperparameters
+    assert result.hyperparameters.method == "full" and result.hyperparameters.learning_rate == 2e-5
+    assert "lora_rank" not in result.hyperparameters.as_dict()
     files = {p.name for p in result.final_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tunelab.json"} <= files
     before, after = load_file(tiny_dir / "model.safetensors"), load_file(result.final_dir / "model.safetensors")
@@ -110,7 +117,7 @@ def test_auto_hyperparameters_are_resolved(tiny_dir, tmp_path):
     result = train(spec(tiny_dir, (train_file, None), tmp_path / "job", n_epochs="auto", batch_size="auto",
                         learning_rate_multiplier="auto"), RecordingHooks())
 
-    hp = result.hyperparameters
+    hp = result.hyperparameters.as_dict()
     assert hp["n_epochs"] == 8  # 100 // 12: about 100 examples seen (tunelab.data.stats.auto_n_epochs)
     assert hp["batch_size"] == 2  # 12 // 5: at least 5 steps per epoch
     assert hp["learning_rate_multiplier"] == 1.0 and hp["learning_rate"] == 2e-4
@@ -150,7 +157,7 @@ def test_should_stop_cancels_mid_epoch(tiny_dir, chat_files, tmp_path):
 def test_pause_then_resume_gives_the_run_that_never_paused(tiny_dir, chat_files, tmp_path, method):
     straight = train(spec(tiny_dir, chat_files, tmp_path / "a", n_epochs=3, **method), RecordingHooks())
 
-    pausing = RecordingHooks(stop_after=4, stop_with="pause")  # 3 steps per epoch: inside epoch 2
+    pausing = RecordingHooks(stop_after=4, stop_with=Stop.PAUSE)  # 3 steps per epoch: inside epoch 2
     with pytest.raises(Paused) as paused:
         train(spec(tiny_dir, chat_files, tmp_path / "b", n_epochs=3, **method), pausing)
     assert paused.value.step == 4 and [c.step for c in pausing.checkpoints] == [3]
@@ -171,7 +178,7 @@ def test_pause_then_resume_gives_the_run_that_never_paused(tiny_dir, chat_files,
 
 def test_a_paused_state_is_not_resumed_with_other_hyperparameters(tiny_dir, chat_files, tmp_path):
     with pytest.raises(Paused):
-        train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), RecordingHooks(stop_after=2, stop_with="pause"))
+        train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), RecordingHooks(stop_after=2, stop_with=Stop.PAUSE))
     with pytest.raises(TrainingError, match="cannot resume.*other hyperparameters"):
         train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3, batch_size=1), RecordingHooks())
 
@@ -181,7 +188,7 @@ def test_step_metrics_carry_the_learning_rate_and_throughput(tiny_dir, chat_file
     result = train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), hooks)
     metrics = hooks.metrics()
     rates = [m["learning_rate"] for m in metrics]
-    lr = result.hyperparameters["learning_rate"]
+    lr = result.hyperparameters.learning_rate
     # one warmup step from 0 (3% of 9 steps, rounded up), then linear decay
     assert rates[0] == 0.0 and rates[1] == pytest.approx(lr) and rates[1:] == sorted(rates[1:], reverse=True)
     assert all(m["tokens_per_second"] > 0 for m in metrics)
@@ -194,7 +201,7 @@ def test_continuing_a_lora_model_starts_from_its_adapter(tiny_dir, chat_files, t
     # A learning rate too small to move anything: the result is the adapter it started from.
     more = train(spec(tiny_dir, chat_files, tmp_path / "more", n_epochs=1, learning_rate_multiplier=1e-9,
                       init_adapter=first.final_dir), RecordingHooks())
-    assert more.hyperparameters["lora_rank"] == 4 and more.hyperparameters["lora_alpha"] == 8  # the adapter's own
+    assert more.hyperparameters.lora_rank == 4 and more.hyperparameters.lora_alpha == 8  # the adapter's own
     a = load_file(first.final_dir / "adapter_model.safetensors")
     b = load_file(more.final_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

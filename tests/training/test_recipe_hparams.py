@@ -8,9 +8,9 @@ from tunelab.training import hparams
 
 
 def resolve(**overrides):
-    values = dict(n_epochs="auto", batch_size="auto", learning_rate_multiplier="auto", lora_rank=16, lora_alpha=32,
-                  lora_dropout=0.0, n_examples=10, mean_tokens=55.0) | overrides
-    return hparams.resolve(**values)
+    values = dict(n_examples=10, mean_tokens=55.0) | overrides
+    data = {k: values.pop(k) for k in ("n_examples", "mean_tokens")}
+    return hparams.resolve(hparams.JobSpec(**values), **data)
 
 
 def test_auto_for_the_lab_data():

@@ -27,12 +27,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tunelab.training import TrainResult, TrainSpec, train
+from tunelab.config import Settings
+from tunelab.store.lifecycle import JobStatus
+from tunelab.training.hooks import Stop
+from tunelab.training.hparams import JobSpec
+from tunelab.training.recipe import TrainResult, TrainSpec, train
 from tunelab.training.tracking import (
     JOB_ID_TAG,
     JobTracker,
     RegisterSpec,
     TrackedHooks,
+    quiet_http_retries,
     registered_model_name,
     tracking_uri,
 )
@@ -40,6 +45,7 @@ from tunelab.training.tracking import (
 from .conftest import CHATS, RecordingHooks, chat, write_jsonl
 
 EXPERIMENT = "tunelab-tests"
+quiet_http_retries()  # as the worker does: the tracker retries, MLflow's client does not
 
 
 def free_port() -> int:
@@ -110,12 +116,12 @@ def run_job(uri: str, job_id: str, base_dir: Path, files: tuple[Path, Path | Non
                         "validation_file": files[1].name if files[1] else None, "seed": 7})
     tracker.log_dict({"examples": 5, "path": files[0]}, "validation/training_file.json")
     spec = TrainSpec(base_model_dir=base_dir, training_file=files[0], validation_file=files[1], output_dir=out,
-                     seed=7, n_epochs=2, batch_size=2, lora_rank=lora_rank, device="cpu")
+                     seed=7, hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=lora_rank), device="cpu")
     result = train(spec, TrackedHooks(hooks, tracker))
     tracker.log_params({"training_examples": 5, "trained_tokens": result.trained_tokens})
     tracker.log_artifact(result.results_csv)
     name = registered_model_name("tests/tiny-llama", job_id)
-    version = tracker.finish("succeeded", register=RegisterSpec(name, result.final_dir), timeout=300)
+    version = tracker.finish(JobStatus.SUCCEEDED, register=RegisterSpec(name, result.final_dir), timeout=300)
     return Job(job_id, tracker, hooks, result, version, started)
 
 
@@ -238,21 +244,22 @@ def test_full_fine_tune_registers_the_whole_model(mlflow_server: str, tiny_dir: 
 # -- a paused and resumed job: one run, every step once -----------------------------------------------
 @pytest.mark.slow
 def test_a_resumed_job_goes_on_in_its_run(mlflow_server: str, tiny_dir: Path, job_files, tmp_path, client):
-    from tunelab.training import Paused
+    from tunelab.training.recipe import Paused
 
     spec = TrainSpec(base_model_dir=tiny_dir, training_file=job_files[0], validation_file=None,
-                     output_dir=tmp_path / "job", seed=7, n_epochs=2, batch_size=2, lora_rank=4, device="cpu")
+                     output_dir=tmp_path / "job", seed=7, hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=4),
+                     device="cpu")
     first = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
                        on_warning=print)
     with pytest.raises(Paused):
-        train(spec, TrackedHooks(RecordingHooks(stop_after=2, stop_with="pause"), first))
-    first.finish("paused")
+        train(spec, TrackedHooks(RecordingHooks(stop_after=2, stop_with=Stop.PAUSE), first))
+    first.finish(JobStatus.PAUSED)
     assert the_run(client, "ftjob-paused").info.status == "SCHEDULED"
 
     second = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
                         on_warning=print, run_id=first.run_id)
     train(spec, TrackedHooks(RecordingHooks(), second))
-    second.finish("succeeded")
+    second.finish(JobStatus.SUCCEEDED)
     run = the_run(client, "ftjob-paused")  # still exactly one run
     assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
@@ -286,7 +293,7 @@ def test_hanging_server_never_blocks_a_step(monkeypatch):
             tracker.log_metrics(step, {"train_loss": 1.0 / step, "step": step})
         tracker.log_params({"seed": 1})
         assert time.monotonic() - start < 1.0  # each call would otherwise wait out a 3 s request timeout
-        assert tracker.finish("succeeded", timeout=1) is None
+        assert tracker.finish(JobStatus.SUCCEEDED, timeout=1) is None
     assert [w for w, _ in warnings] == [
         "MLflow logging did not finish within 1 s; the job goes on without waiting for it."]
     assert {thread for _, thread in warnings} == {threading.current_thread().name}  # delivered on the caller's thread
@@ -297,9 +304,10 @@ def test_default_store_is_sqlite_in_the_data_dir_and_refusals_warn_once(tmp_path
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TUNELAB_MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # SQLite stores default to ./mlruns for artifacts: not here
-    uri = tracking_uri(tmp_path)
+    uri = tracking_uri(Settings(data_dir=tmp_path))
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     warnings: list[str] = []
     tracker = JobTracker(tracking_uri=uri, experiment=EXPERIMENT, job_id="ftjob-local", run_name="local",
@@ -311,7 +319,7 @@ def test_default_store_is_sqlite_in_the_data_dir_and_refusals_warn_once(tmp_path
     (tmp_path / "results.csv").write_text("step,train_loss\n1,0.5\n")
     tracker.log_artifact(tmp_path / "results.csv")
     tracker.log_checkpoint(9, tmp_path / "deleted-already")
-    assert tracker.finish("failed") is None
+    assert tracker.finish(JobStatus.FAILED) is None
     assert len(warnings) == 2 and warnings[0].startswith("MLflow: could not log params"), warnings
     assert warnings[1].startswith("MLflow: could not upload checkpoint step-9")
 
@@ -323,7 +331,7 @@ def test_default_store_is_sqlite_in_the_data_dir_and_refusals_warn_once(tmp_path
 
 def test_tracking_uri_prefers_the_environment(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    assert tracking_uri(tmp_path) == "http://mlflow.internal:5000"
+    assert tracking_uri(Settings(data_dir=tmp_path)) == "http://mlflow.internal:5000"
 
 
 def test_registered_model_name():
@@ -337,5 +345,5 @@ def test_unknown_tracking_uri_scheme_warns_once():
     tracker = JobTracker(tracking_uri="nosuch://host", experiment=EXPERIMENT, job_id="ftjob-bad", run_name="bad",
                          on_warning=warnings.append)
     tracker.log_metrics(1, {"train_loss": 1.0})
-    assert tracker.finish("succeeded", timeout=60) is None
+    assert tracker.finish(JobStatus.SUCCEEDED, timeout=60) is None
     assert len(warnings) == 1 and warnings[0].startswith("MLflow: cannot use tracking URI nosuch://host"), warnings

@@ -6,6 +6,7 @@ The API never trains: a job is a row that a worker process claims once it is ``q
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -14,9 +15,12 @@ from fastapi import APIRouter, Query
 from tunelab.api.deps import State
 from tunelab.api.errors import InvalidRequest, NotFound
 from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
-from tunelab.models.catalog import lora_settings
-from tunelab.store.db import ACTIVE_JOB_STATES, new_id, now
+from tunelab.models.folder import LoraSettings
+from tunelab.store import lifecycle
+from tunelab.store.db import new_id, now
+from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import FileRow, JobRow, ModelRow
+from tunelab.training.hparams import JobSpec
 
 router = APIRouter(tags=["fine-tuning"])
 SUPERVISED_FORMATS = ("chat", "prompt_completion")
@@ -28,6 +32,10 @@ def get_job(state: State, job_id: str) -> JobRow:
     if row is None:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return row
+
+
+def _job(state: State, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_row(get_job(state, job_id))
 
 
 def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
@@ -50,9 +58,9 @@ def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
             f"Model {body.model} cannot be fine-tuned: give a base model ({known}), a fine-tuned model or a checkpoint.",
             param="model", code="model_not_available",
         )
-    hyperparameters = body.resolved_hyperparameters()
+    spec = body.to_spec()
     if start.kind != "base":
-        hyperparameters = _going_on_from(start, hyperparameters)
+        spec = _going_on_from(start, spec)
     if body.integrations:
         raise InvalidRequest("Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations")
     files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
@@ -63,28 +71,29 @@ def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
         id=new_id("ftjob"), created_at=now(), model=body.model, training_file=body.training_file,
         validation_file=body.validation_file, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix, user_metadata=body.metadata, method={"type": "supervised"},
-        hyperparameters=hyperparameters, status="validating_files", result_files=[],
+        hyperparameters=spec.to_json(), result_files=[],
     )
-    state.store.add(job)
-    state.store.add_event(job.id, f"Validating training file: {body.training_file}" + (
+    lifecycle.create(state.store, job, f"Validating training file: {body.training_file}" + (
         f" and validation file: {body.validation_file}" if body.validation_file else ""))
     _finish_validation(state, job, files)
-    return FineTuningJob.from_row(state.store.get(JobRow, job.id))
+    return _job(state, job.id)
 
 
-def _going_on_from(model: ModelRow, hp: dict) -> dict:
+def _going_on_from(model: ModelRow, spec: JobSpec) -> JobSpec:
     """A fine-tuned model is trained further by its own method: its LoRA adapter, or all its weights."""
     if model.method == "full":
-        if hp.get("lora_rank"):
+        if spec.lora_rank:
             raise InvalidRequest(f"Model {model.id} was fully fine-tuned; it can only be fine-tuned further in full "
                                  "(leave lora_rank unset or 0).", param="lora_rank")
-        return hp | {"lora_rank": 0}
-    own = lora_settings(Path(model.path))
-    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
-        if hp.get(key) is not None and hp[key] != own[key]:
-            raise InvalidRequest(f"Model {model.id} is a LoRA adapter with {key} {own[key]}; fine-tuning it further "
+        return replace(spec, lora_rank=0)
+    assert model.path is not None  # fine-tuned models always have their folder
+    own = LoraSettings.of_adapter(Path(model.path))
+    for key, value in (("lora_rank", own.rank), ("lora_alpha", own.alpha), ("lora_dropout", own.dropout)):
+        asked = getattr(spec, key)
+        if asked is not None and asked != value:
+            raise InvalidRequest(f"Model {model.id} is a LoRA adapter with {key} {value}; fine-tuning it further "
                                  f"trains that adapter (leave {key} unset).", param=key)
-    return hp | own
+    return spec.with_lora(own)
 
 
 def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> None:
@@ -99,11 +108,9 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
             message = f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or prompt/completion examples."
         if message:
             error = {"code": f"invalid_{param}", "message": message, "param": param}
-            state.store.update_job(job.id, status="failed", error=error, finished_at=now(), event=message,
-                                   event_level="error")
+            lifecycle.fail(state.store, job.id, error, now(), validating=True)
             return
-    state.store.update_job(job.id, only_if_status=["validating_files"], status="queued",
-                           event="Files validated, moving job to queued state")
+    lifecycle.files_validated(state.store, job.id)
 
 
 @router.get("/fine_tuning/jobs")
@@ -114,43 +121,37 @@ def list_jobs(state: State, after: str | None = None, limit: Limit = 20) -> List
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def retrieve_job(state: State, job_id: str) -> FineTuningJob:
-    return FineTuningJob.from_row(get_job(state, job_id))
+    return _job(state, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(state: State, job_id: str) -> FineTuningJob:
     job = get_job(state, job_id)
     # The worker polls the status and stops within a step; the conditional update loses no race.
-    if not state.store.update_job(job_id, only_if_status=ACTIVE_JOB_STATES, status="cancelled", finished_at=now(),
-                                  event="Job cancelled"):
+    if not lifecycle.cancel(state.store, job_id, now()):
         raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
-    return FineTuningJob.from_row(get_job(state, job_id))
+    return _job(state, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
 def pause_job(state: State, job_id: str) -> FineTuningJob:
     """A queued job is paused at once; a running one is ``pausing`` until its worker has saved its state."""
     job = get_job(state, job_id)
-    paused = state.store.update_job(job_id, only_if_status=["queued"], status="paused", event="Job paused") or (
-        state.store.update_job(job_id, only_if_status=["running"], status="pausing",
-                               event="Pausing the job: training stops after the current step")
-    )
-    if not paused:
+    if not lifecycle.pause(state.store, job_id):
         raise InvalidRequest(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
                              param="fine_tuning_job_id")
-    return FineTuningJob.from_row(get_job(state, job_id))
+    return _job(state, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
 def resume_job(state: State, job_id: str) -> FineTuningJob:
     """A paused job goes back to the queue; the worker that claims it goes on from where it stopped."""
     job = get_job(state, job_id)
-    if not state.store.update_job(job_id, only_if_status=["paused"], status="queued", worker_id=None,
-                                  event="Job resumed, moving job to queued state"):
-        hint = " (it is still saving its state; try again in a moment)" if job.status == "pausing" else ""
+    if not lifecycle.resume(state.store, job_id):
+        hint = " (it is still saving its state; try again in a moment)" if job.status is JobStatus.PAUSING else ""
         raise InvalidRequest(f"Job {job_id} is {job.status}; only a paused job can be resumed{hint}.",
                              param="fine_tuning_job_id")
-    return FineTuningJob.from_row(get_job(state, job_id))
+    return _job(state, job_id)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")

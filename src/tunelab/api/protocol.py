@@ -11,7 +11,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow
+from tunelab.training.hparams import JobSpec
 
 T = TypeVar("T")
 Auto = Literal["auto"]
@@ -96,13 +98,14 @@ class CreateJobRequest(Strict):
     suffix: str | None = Field(default=None, max_length=64)
     validation_file: str | None = None
 
-    def resolved_hyperparameters(self) -> dict[str, Any]:
+    def to_spec(self) -> JobSpec:
         """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.supervised``."""
         merged = Hyperparameters()
-        for source in (self.hyperparameters, self.method and self.method.supervised and self.method.supervised.hyperparameters):
+        supervised = self.method.supervised if self.method else None
+        for source in (self.hyperparameters, supervised.hyperparameters if supervised else None):
             if source is not None:
                 merged = merged.model_copy(update=source.model_dump(exclude_unset=True))
-        return merged.model_dump()
+        return JobSpec(**merged.model_dump())
 
 
 class JobError(BaseModel):
@@ -123,7 +126,7 @@ class FineTuningJob(BaseModel):
     organization_id: str = "org-tunelab"
     result_files: list[str]
     seed: int
-    status: str
+    status: JobStatus
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
@@ -135,7 +138,11 @@ class FineTuningJob(BaseModel):
 
     @classmethod
     def from_row(cls, row: JobRow) -> "FineTuningJob":
-        openai_hp = {k: row.hyperparameters.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        # The values it trains with once they are resolved; until then the ones asked for.
+        reported = row.resolved_hyperparameters or {
+            k: v for k, v in JobSpec.from_json(row.hyperparameters).to_json().items() if v is not None
+        }
+        openai_hp = {k: reported.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
         return cls(
             id=row.id,
             created_at=row.created_at,
@@ -152,7 +159,7 @@ class FineTuningJob(BaseModel):
             validation_file=row.validation_file,
             integrations=list(row.integrations or []) or None,
             metadata=row.user_metadata,
-            method={"type": "supervised", "supervised": {"hyperparameters": dict(row.hyperparameters)}},
+            method={"type": "supervised", "supervised": {"hyperparameters": reported}},
             user_provided_suffix=row.suffix,
         )
 

@@ -7,18 +7,14 @@ checkpoints written by jobs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tunelab.models.bundled import BUNDLED_ID, bundled_model_dir
+from tunelab.models.folder import model_folder
 from tunelab.store import Store
 from tunelab.store.db import now
 from tunelab.store.tables import ModelRow
-
-if TYPE_CHECKING:
-    from tunelab.serving.engine import ServedModel
 
 
 class ModelNotFound(LookupError):
@@ -36,9 +32,7 @@ def add_local(store: Store, path: Path, model_id: str) -> ModelRow:
     Raises:
         ValueError: the folder has no ``config.json`` or the id is taken.
     """
-    path = path.expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a Hugging Face model folder (no config.json)")
+    path = model_folder(path.expanduser().resolve())
     if store.get(ModelRow, model_id) is not None:
         raise ValueError(f"a model with id {model_id!r} already exists")
     return store.add(ModelRow(id=model_id, created_at=now(), kind="base", owned_by="user", path=str(path)))
@@ -54,15 +48,12 @@ def base_model_dir(store: Store, model_id: str, cache_dir: Path) -> Path:
     return Path(row.path)
 
 
-def max_context(model_dir: Path) -> int | None:
-    config = json.loads((model_dir / "config.json").read_text())
-    return config.get("max_position_embeddings")
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's weights are: what serving loads, and where a job that fine-tunes it starts."""
 
+    model_id: str
+    """The id it is asked for by (a base, fine-tuned or checkpoint model)."""
     base_model: str
     """The base model at the root (a fine-tuned model is named after it and shares it when served)."""
     model_dir: Path
@@ -77,22 +68,9 @@ def model_source(store: Store, model_id: str, cache_dir: Path) -> ModelSource:
     if row is None:
         raise ModelNotFound(model_id)
     if row.kind == "base":
-        return ModelSource(model_id, base_model_dir(store, model_id, cache_dir))
+        return ModelSource(model_id, model_id, base_model_dir(store, model_id, cache_dir))
     assert row.path is not None and row.base_model is not None
     if row.method == "full":
-        return ModelSource(row.base_model, Path(row.path))
-    return ModelSource(row.base_model, base_model_dir(store, row.base_model, cache_dir), adapter_dir=Path(row.path))
-
-
-def lora_settings(adapter_dir: Path) -> dict[str, int | float]:
-    """``lora_rank``, ``lora_alpha``, ``lora_dropout`` of a PEFT LoRA adapter folder."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return {"lora_rank": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": config["lora_dropout"]}
-
-
-def served_model(store: Store, model_id: str, cache_dir: Path) -> "ServedModel":
-    """What the engine must load to serve ``model_id`` (base, fine-tuned model or checkpoint)."""
-    from tunelab.serving.engine import ServedModel
-
-    source = model_source(store, model_id, cache_dir)
-    return ServedModel(model_id, source.model_dir, adapter_dir=source.adapter_dir)
+        return ModelSource(model_id, row.base_model, Path(row.path))
+    base_dir = base_model_dir(store, row.base_model, cache_dir)
+    return ModelSource(model_id, row.base_model, base_dir, adapter_dir=Path(row.path))

@@ -10,7 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
-from tunelab.models.catalog import ModelNotFound, served_model
+from tunelab.models.catalog import ModelNotFound, model_source
 from tunelab.serving.engine import Engine
 from tunelab.store import Store
 from tunelab.store.db import now
@@ -46,7 +46,7 @@ class Deployer:
             name=name, scope=scope, created_at=old.created_at if old else now(), model=model,
             model_format=fmt, model_version=version, sku=sku, state="Creating",
         )
-        self.store.put_deployment(row)
+        self.store.put(row)
         threading.Thread(target=self._load, args=(name, model), daemon=True).start()
         return row, old is None
 
@@ -76,12 +76,12 @@ class Deployer:
             model = name  # serverless-style: call any model by id, as OpenAI does for ft: models
         else:
             raise DeploymentNotFound(name)
-        self.engine.load(served_model(self.store, model, self.cache_dir))
+        self.engine.load(model_source(self.store, model, self.cache_dir))
         return model
 
     def _load(self, name: str, model: str) -> None:
         try:
-            self.engine.load(served_model(self.store, model, self.cache_dir))
+            self.engine.load(model_source(self.store, model, self.cache_dir))
         except Exception as exc:  # the state carries the reason to the client
             log.exception("deployment %s failed", name)
             self.store.set_deployment_state(name, "Failed", f"could not load {model}: {exc}")

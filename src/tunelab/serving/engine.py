@@ -17,16 +17,9 @@ from typing import Any
 
 import torch
 
+from tunelab.models.catalog import ModelSource
+from tunelab.models.folder import context_length, eos_ids, resolve_device
 from tunelab.serving.batcher import Batcher, Request
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What to load for one model id: a base (or full fine-tune) folder, plus an optional adapter."""
-
-    model_id: str
-    model_dir: Path
-    adapter_dir: Path | None = None
 
 
 @dataclass
@@ -50,29 +43,28 @@ class Completion:
 class _Loaded:
     model: Any
     tokenizer: Any
+    context: int
+    """Tokens of prompt and answer together."""
+    eos: set[int]
+    """Tokens that end a turn."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     users: dict[str, str | None] = field(default_factory=dict)  # model id -> adapter name
     batcher: Batcher | None = None
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+DEFAULT_CONTEXT = 2048
+"""For a model whose config names no context length."""
 
 
 class Engine:
     def __init__(self, device: str = "auto", max_batch: int = 8) -> None:
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.max_batch = max_batch
         self._bases: dict[Path, _Loaded] = {}
         self._where: dict[str, Path] = {}  # model id -> key into _bases
         self._lock = threading.Lock()
 
-    def is_loaded(self, model_id: str) -> bool:
-        return model_id in self._where
-
-    def load(self, spec: ServedModel) -> None:
+    def load(self, spec: ModelSource) -> None:
         """Load ``spec`` (idempotent). Blocking: seconds for small models."""
         with self._lock:
             if spec.model_id in self._where:
@@ -181,7 +173,8 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        loaded = _Loaded(model=model, tokenizer=tokenizer)
+        loaded = _Loaded(model=model, tokenizer=tokenizer, context=context_length(model_dir) or DEFAULT_CONTEXT,
+                         eos=set(eos_ids(model.generation_config, tokenizer)))
         if self.max_batch > 1:
             loaded.batcher = Batcher(lambda batch: self._run_batch(loaded, batch), self.max_batch, model_dir.name)
         return loaded
@@ -213,10 +206,9 @@ class Engine:
 
     def _room(self, loaded: _Loaded, prompt_tokens: int) -> int:
         """Tokens left in the context after the prompt; PromptTooLong when none."""
-        context = loaded.model.config.max_position_embeddings
-        if prompt_tokens >= context:
-            raise PromptTooLong(prompt_tokens, context)
-        return context - prompt_tokens
+        if prompt_tokens >= loaded.context:
+            raise PromptTooLong(prompt_tokens, loaded.context)
+        return loaded.context - prompt_tokens
 
     def _generate_kwargs(self, loaded: _Loaded, prompt: torch.Tensor, params: SamplingParams) -> dict[str, Any]:
         room = self._room(loaded, prompt.shape[1])
@@ -239,9 +231,8 @@ class Engine:
     def _finish(self, loaded: _Loaded, tokens: torch.Tensor, params: SamplingParams) -> Completion:
         tok = loaded.tokenizer
         ids = tokens.tolist()
-        eos = set(_eos_ids(loaded))
         # Generated rows of a batch are right-padded with pad (== eos here): cut at the first eos.
-        ended = next((i for i, t in enumerate(ids) if t in eos), None)
+        ended = next((i for i, t in enumerate(ids) if t in loaded.eos), None)
         if ended is not None:
             ids = ids[: ended + 1]
         text = tok.decode(ids, skip_special_tokens=True)
@@ -283,13 +274,6 @@ class _selected:
     def __exit__(self, *exc: Any) -> None:
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
-
-
-def _eos_ids(loaded: _Loaded) -> list[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
-    return eos if isinstance(eos, list) else [eos]
 
 
 def _seed(seed: int | None) -> None:

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock
-from sqlalchemy import create_engine, event, or_, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, inspect, or_, select, text, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from tunelab.store.tables import Base, DeploymentRow, EventRow, FileRow, JobRow, ModelRow, SettingRow
+from tunelab.store.lifecycle import ACTIVE, HELD, JobStatus
+from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow, SettingRow
 
-Row = TypeVar("Row", FileRow, JobRow, ModelRow)
-
-# Job states: validating_files -> queued -> running -> succeeded | failed | cancelled, and
-# running -> pausing (the worker is saving its state) -> paused -> queued (resume) -> running.
-ACTIVE_JOB_STATES = ("validating_files", "queued", "running", "pausing", "paused")
+Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow)
 
 
 def new_id(prefix: str) -> str:
@@ -40,6 +38,23 @@ def _event(job_id: str, message: str, *, level: str = "info", type: str = "messa
     )
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+BASELINE = "0001"  # the schema databases had before migrations existed
+
+
+def _upgrade(conn: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    tables = set(inspect(conn).get_table_names())
+    if "jobs" in tables and "alembic_version" not in tables:
+        command.stamp(config, BASELINE)
+    command.upgrade(config, "head")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the server read while a worker writes; busy_timeout waits out short write locks.
     cur = dbapi_conn.cursor()
@@ -54,20 +69,23 @@ class Store:
         self.engine: Engine = create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._create_tables()
+        self._migrate()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def _create_tables(self) -> None:
-        """Create missing tables. The server and its workers start together: one creates, the others wait."""
+    def _migrate(self) -> None:
+        """Bring the schema up to date (Alembic). The server and its workers start together: one
+        migrates, the others wait, then find nothing to do. A database from before migrations
+        existed is stamped with the baseline first."""
         if self.engine.dialect.name == "postgresql":
             with self.engine.begin() as conn:
                 conn.execute(text("SELECT pg_advisory_xact_lock(7467356)"))
-                Base.metadata.create_all(conn)
+                _upgrade(conn)
         elif self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
-            with FileLock(f"{self.engine.url.database}.lock"):
-                Base.metadata.create_all(self.engine)
+            with FileLock(f"{self.engine.url.database}.lock"), self.engine.begin() as conn:
+                _upgrade(conn)
         else:
-            Base.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                _upgrade(conn)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -144,7 +162,7 @@ class Store:
         self,
         job_id: str,
         *,
-        only_if_status: Sequence[str] | None = None,
+        only_if_status: Collection[JobStatus] | None = None,
         event: str | None = None,
         event_level: str = "info",
         **values: Any,
@@ -152,6 +170,7 @@ class Store:
         """Conditional update; False when the job is gone or not in one of ``only_if_status``.
 
         ``event``, if given, is recorded in the same transaction, only when the update happened.
+        Status changes go through ``tunelab.store.lifecycle``, which calls this.
         """
         with self.session() as s:
             q = update(JobRow).where(JobRow.id == job_id)
@@ -163,23 +182,25 @@ class Store:
                 s.add(_event(job_id, event, level=event_level))
             return True
 
-    def claim_job(self, worker_id: str) -> JobRow | None:
-        """Atomically take the oldest queued job for ``worker_id`` (status becomes running)."""
+    def claim_job(self, worker_id: str, *, from_status: JobStatus, to_status: JobStatus) -> JobRow | None:
+        """Atomically move the oldest job in ``from_status`` to ``to_status`` for ``worker_id``."""
         with self.session() as s:
             candidates = s.scalars(
-                select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.created_at, JobRow.id).limit(5)
+                select(JobRow.id).where(JobRow.status == from_status).order_by(JobRow.created_at, JobRow.id).limit(5)
             ).all()
         for job_id in candidates:
-            if self.update_job(job_id, only_if_status=["queued"], status="running", worker_id=worker_id, started_at=now()):
+            if self.update_job(
+                job_id, only_if_status=[from_status], status=to_status, worker_id=worker_id, started_at=now()
+            ):
                 return self.get(JobRow, job_id)
         return None
 
-    def jobs_running(self) -> list[JobRow]:
+    def jobs_held(self) -> list[JobRow]:
         """Jobs a worker holds: running, or pausing (running until the worker has saved its state)."""
         with self.session() as s:
-            return list(s.scalars(select(JobRow).where(JobRow.status.in_(("running", "pausing")))))
+            return list(s.scalars(select(JobRow).where(JobRow.status.in_(HELD))))
 
-    def job_status(self, job_id: str) -> str | None:
+    def job_status(self, job_id: str) -> JobStatus | None:
         with self.session() as s:
             return s.scalar(select(JobRow.status).where(JobRow.id == job_id))
 
@@ -187,7 +208,7 @@ class Store:
         with self.session() as s:
             return s.scalar(
                 select(JobRow.id).where(
-                    JobRow.status.in_(ACTIVE_JOB_STATES),
+                    JobRow.status.in_(ACTIVE),
                     or_(JobRow.training_file == file_id, JobRow.validation_file == file_id),
                 )
             )
@@ -195,7 +216,7 @@ class Store:
     def active_job_from(self, model_id: str) -> str | None:
         """An unfinished job that fine-tunes ``model_id`` further."""
         with self.session() as s:
-            return s.scalar(select(JobRow.id).where(JobRow.status.in_(ACTIVE_JOB_STATES), JobRow.model == model_id))
+            return s.scalar(select(JobRow.id).where(JobRow.status.in_(ACTIVE), JobRow.model == model_id))
 
     # -- events --------------------------------------------------------------------------------
     def add_event(
@@ -233,10 +254,6 @@ class Store:
     def deployments(self) -> list[DeploymentRow]:
         with self.session() as s:
             return list(s.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at)))
-
-    def put_deployment(self, row: DeploymentRow) -> DeploymentRow:
-        with self.session() as s:
-            return s.merge(row)
 
     def set_deployment_state(self, name: str, state: str, error: str | None = None) -> None:
         with self.session() as s:

@@ -1,11 +1,16 @@
-"""Database rows. Never returned over HTTP: api/protocol.py converts them explicitly."""
+"""Database rows. Never returned over HTTP: api/protocol.py converts them explicitly.
+
+A change here needs a migration in migrations/versions/ (tests/store/test_migrations.py checks).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tunelab.store.lifecycle import JobStatus
 
 
 class Base(DeclarativeBase):
@@ -36,8 +41,12 @@ class JobRow(Base):
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     method: Mapped[dict[str, Any]] = mapped_column()  # {"type": "supervised", "supervised": {...}}
-    hyperparameters: Mapped[dict[str, Any]] = mapped_column()  # requested, then resolved
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()  # requested: training.hparams.JobSpec
+    resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)  # once training starts
+    # Stored as its string value (VARCHAR, no database enum type): a new state needs no migration.
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e]), index=True
+    )
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -1,14 +1,4 @@
-"""Fine-tuning: ``train(TrainSpec, TrainHooks) -> TrainResult`` (see recipe.py)."""
+"""Fine-tuning: ``recipe.train(TrainSpec, TrainHooks) -> TrainResult``, run on claimed jobs by ``worker.Worker``.
 
-from tunelab.training.recipe import (
-    Cancelled,
-    Checkpoint,
-    Paused,
-    TrainHooks,
-    TrainingError,
-    TrainResult,
-    TrainSpec,
-    train,
-)
-
-__all__ = ["Cancelled", "Checkpoint", "Paused", "TrainHooks", "TrainResult", "TrainSpec", "TrainingError", "train"]
+Import the parts you need (``tunelab.training.recipe`` loads torch; ``hparams`` and ``hooks`` do not).
+"""

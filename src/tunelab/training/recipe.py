@@ -37,16 +37,17 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from tunelab.data.formats import iter_chat_examples
-from tunelab.models.catalog import lora_settings
+from tunelab.models.folder import LoraSettings, context_length, eos_ids, resolve_device
 from tunelab.training import hparams, resume
+from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, token_losses
 from tunelab.training.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
 
@@ -73,23 +74,14 @@ class TrainSpec:
     (``train`` goes on from it when it is there)."""
     seed: int
     """Seeds LoRA init, shuffling and dropout: same seed and inputs give the same losses (CPU)."""
-    n_epochs: int | Literal["auto"] = "auto"
-    """Passes over the training file; "auto": 3, adjusted so examples x epochs is in [100, 25000]."""
-    batch_size: int | Literal["auto"] = "auto"
-    """Examples per optimizer step; "auto": ~1024 tokens per step, at least 5 steps per epoch."""
-    learning_rate_multiplier: float | Literal["auto"] = "auto"
-    """Times the method's base LR (LoRA 2e-4, full 2e-5); "auto" = 1.0."""
-    lora_rank: int = 16
-    """LoRA rank; 0 = full fine-tuning."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / rank)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input."""
+    hyperparameters: hparams.JobSpec = field(default_factory=hparams.JobSpec)
+    """What the job asks for (epochs, batch size, LR multiplier, LoRA shape); "auto" is resolved
+    against the training set (hparams.resolve)."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None = every linear projection except the LM head."""
     init_adapter: Path | None = None
     """A LoRA adapter of ``base_model_dir`` to train further (fine-tuning a fine-tuned model); its
-    rank, alpha, dropout and target modules replace the lora_* fields."""
+    rank, alpha, dropout and target modules replace the requested ones."""
     max_length: int | None = None
     """Truncate examples longer than this many tokens; None = the model's context length."""
     device: str = "auto"
@@ -104,28 +96,11 @@ class TrainSpec:
     changes float rounding, so bitwise reproducibility holds for the same count."""
 
 
-class TrainHooks(Protocol):
-    """How the recipe talks to its caller (the worker): events, checkpoints, cancellation."""
-
-    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None: ...
-    def checkpoint(self, ckpt: Checkpoint) -> None: ...  # a new kept checkpoint
-    def checkpoint_deleted(self, ckpt: Checkpoint) -> None: ...  # rotated out
-    def should_stop(self) -> bool | Literal["pause"]: ...  # "pause": stop, keeping a resumable state
-
-
-@dataclass
-class Checkpoint:
-    step: int
-    epoch: int
-    path: Path
-    metrics: dict[str, float]
-
-
 @dataclass
 class TrainResult:
     trained_tokens: int
     """Trained (assistant) tokens x epochs: what OpenAI bills."""
-    hyperparameters: dict
+    hyperparameters: hparams.Hyperparameters
     """Resolved: n_epochs, batch_size, learning_rate_multiplier, learning_rate, method, lora_*."""
     final_dir: Path
     results_csv: Path
@@ -136,11 +111,11 @@ class TrainResult:
 
 
 class Cancelled(Exception):
-    """``hooks.should_stop()`` returned True; training stopped."""
+    """``hooks.should_stop()`` returned ``Stop.CANCEL``; training stopped."""
 
 
 class Paused(Exception):
-    """``hooks.should_stop()`` returned "pause": the state is saved; ``train`` again to go on."""
+    """``hooks.should_stop()`` returned ``Stop.PAUSE``: the state is saved; ``train`` again to go on."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"paused after step {step}")
@@ -157,17 +132,17 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     Goes on from the state a pause left in ``spec.output_dir``, if there is one.
 
     Raises:
-        Cancelled: ``hooks.should_stop()`` became true.
-        Paused: ``hooks.should_stop()`` returned "pause"; the state is saved for the next ``train``.
+        Cancelled: ``hooks.should_stop()`` returned ``Stop.CANCEL``.
+        Paused: ``hooks.should_stop()`` returned ``Stop.PAUSE``; the state is saved for the next ``train``.
         TrainingError: bad data or hyperparameters, out of memory; the message is for the user.
     """
     # -- setup -----------------------------------------------------------------------------------
     if spec.init_adapter is not None:
-        spec = _continue_adapter(spec)
-    device = _resolve_device(spec.device)
+        spec = _continue_adapter(spec, spec.init_adapter)
+    device = _device(spec.device)
     set_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-    max_length = spec.max_length or _context_length(spec.base_model_dir)
+    max_length = spec.max_length or context_length(spec.base_model_dir)
     train_set = _load_examples(spec.training_file, tokenizer, max_length, hooks, "training")
     valid_set = []
     if spec.validation_file is not None:
@@ -187,7 +162,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
     with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set):
         model = _load_model(spec, device, hp)
-        resolved = hp.as_dict() | _lora_targets(model)
+        hp = replace(hp, lora_target_modules=_lora_targets(model))
+        resolved = hp.as_dict()
         trainable = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel for all parameters; on CPU 4-7x faster than the default per-tensor loop
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=True)
@@ -199,10 +175,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         meta = {"method": hp.method, "base_model_dir": str(spec.base_model_dir), "seed": spec.seed,
                 "hyperparameters": resolved}  # fmt: skip
         started = f"resumed at step {loop.step + 1}" if loop.step else "started"
-        hooks.event(
-            f"Training {started}: {len(train_set)} examples, {total_steps} steps, {hp.method} on {device}",
-            data={"hyperparameters": resolved, "seed": spec.seed, "total_steps": total_steps},
-        )
+        hooks.event(f"Training {started}: {len(train_set)} examples, {total_steps} steps, {hp.method} on {device}")
+        hooks.started(hp, total_steps)
 
         # -- train -----------------------------------------------------------------------------------
         earlier = _read_results(results_csv, upto=loop.step)  # a resumed run keeps the rows it had
@@ -211,10 +185,11 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
             results.writeheader()
             results.writerows(earlier)
             for step, batch_ids in enumerate(plan[loop.step :], start=loop.step + 1):
-                if stop := hooks.should_stop():
-                    if stop == "pause":
-                        resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
-                        raise Paused(step - 1)
+                stop = hooks.should_stop()
+                if stop is Stop.PAUSE:
+                    resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    raise Paused(step - 1)
+                if stop is Stop.CANCEL:
                     raise Cancelled(f"cancelled at step {step - 1}/{total_steps}")
                 batch = [train_set[i] for i in batch_ids]
                 learning_rate = scheduler.get_last_lr()[0]
@@ -228,21 +203,24 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                 seconds = time.perf_counter() - started_at  # .item() in the step synchronised the device
                 loop.step, loop.trained_tokens = step, loop.trained_tokens + n_trained
 
-                metrics = {"step": step, "train_loss": loss, "train_mean_token_accuracy": accuracy}
                 end_of_epoch = step % steps_per_epoch == 0
+                validation: dict[str, float] = {}
                 if valid_set:
                     sample_due = step % valid_every == 0 or step == total_steps
                     with autocast:
-                        metrics |= _validate(model, valid_set, valid_sample, device, end_of_epoch, sample_due)
-                results.writerow(metrics)
+                        validation = _validate(model, valid_set, valid_sample, device, end_of_epoch, sample_due)
+                metrics = StepMetrics(
+                    step=step, total_steps=total_steps, train_loss=loss, train_mean_token_accuracy=accuracy,
+                    learning_rate=learning_rate, tokens_per_second=sum(map(len, batch)) / seconds, **validation,
+                )
+                results.writerow(metrics.results_row())
                 f.flush()
-                extra = {"learning_rate": learning_rate, "tokens_per_second": sum(map(len, batch)) / seconds}
-                _report_step(hooks, metrics | extra, total_steps)
+                hooks.step(metrics)
 
                 # -- save: a deployable checkpoint per epoch, the last keep_checkpoints kept ---
                 if end_of_epoch:
                     ckpt = Checkpoint(step, step // steps_per_epoch, spec.output_dir / "checkpoints" / f"step-{step}",
-                                      _floats(metrics))
+                                      _floats(metrics.results_row()))
                     _save(model, tokenizer, ckpt.path, meta)
                     _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
 
@@ -259,7 +237,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     hooks.event(f"Training finished: {loop.trained_tokens} trained tokens", data={"trained_tokens": loop.trained_tokens})
     return TrainResult(
         trained_tokens=loop.trained_tokens,
-        hyperparameters=resolved,
+        hyperparameters=hp,
         final_dir=final_dir,
         results_csv=results_csv,
         checkpoints=loop.kept,
@@ -268,34 +246,22 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
 
 # -- setup helpers ---------------------------------------------------------------------------------
-def _continue_adapter(spec: TrainSpec) -> TrainSpec:
-    """The spec with the lora_* settings of the adapter it goes on training."""
+def _continue_adapter(spec: TrainSpec, adapter_dir: Path) -> TrainSpec:
+    """The spec with the LoRA shape of the adapter it goes on training."""
     try:
-        own = lora_settings(spec.init_adapter)
+        own = LoraSettings.of_adapter(adapter_dir)
     except (OSError, ValueError, KeyError) as e:
-        raise TrainingError(f"init_adapter {spec.init_adapter} is not a LoRA adapter folder: {e}") from None
-    if spec.lora_rank == 0:
+        raise TrainingError(f"init_adapter {adapter_dir} is not a LoRA adapter folder: {e}") from None
+    if spec.hyperparameters.lora_rank == 0:
         raise TrainingError("lora_rank: 0 (full fine-tuning) cannot go on training a LoRA adapter")
-    return replace(spec, **own, lora_target_modules=None)
+    return replace(spec, hyperparameters=spec.hyperparameters.with_lora(own), lora_target_modules=None)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(setting: str) -> torch.device:
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} was asked for but CUDA is not available; use device 'auto' or 'cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise TrainingError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
-    return device
-
-
-def _context_length(model_dir: Path) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config["max_position_embeddings"])
+        return resolve_device(setting)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def _hyperparameters(spec: TrainSpec, train_set: list[TokenizedExample]) -> hparams.Hyperparameters:
@@ -306,21 +272,14 @@ def _hyperparameters(spec: TrainSpec, train_set: list[TokenizedExample]) -> hpar
         raise TrainingError(f"cpu_threads must be an integer >= 1 or None, got {spec.cpu_threads!r}")
     try:
         return hparams.resolve(
-            n_epochs=spec.n_epochs,
-            batch_size=spec.batch_size,
-            learning_rate_multiplier=spec.learning_rate_multiplier,
-            lora_rank=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            n_examples=len(train_set),
-            mean_tokens=sum(map(len, train_set)) / len(train_set),
+            spec.hyperparameters, n_examples=len(train_set), mean_tokens=sum(map(len, train_set)) / len(train_set)
         )
     except ValueError as e:
         raise TrainingError(str(e)) from None
 
 
 def _load_examples(
-    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int, hooks: TrainHooks, kind: str
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int | None, hooks: TrainHooks, kind: str
 ) -> list[TokenizedExample]:
     """Tokenize a chat file; examples with nothing to train on are dropped with a warning."""
     examples, truncated, empty = [], 0, 0
@@ -386,14 +345,14 @@ def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparamete
         raise TrainingError(f"lora_target_modules: {e}") from None
 
 
-def _lora_targets(model: torch.nn.Module) -> dict[str, list[str]]:
+def _lora_targets(model: torch.nn.Module) -> tuple[str, ...] | None:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        return {}
+        return None
     # PEFT resolves "all-linear" to full module paths or to suffixes, depending on model size.
     names = model.peft_config["default"].target_modules
-    return {"lora_target_modules": sorted({name.rsplit(".", 1)[-1] for name in names})}
+    return tuple(sorted({name.rsplit(".", 1)[-1] for name in names}))
 
 
 @contextmanager
@@ -542,15 +501,6 @@ def _summary(stats: torch.Tensor, prefix: str) -> dict[str, float]:
     return {f"{prefix}_loss": loss_sum / n, f"{prefix}_mean_token_accuracy": correct / n}
 
 
-def _report_step(hooks: TrainHooks, metrics: dict[str, float], total_steps: int) -> None:
-    message = f"Step {metrics['step']}/{total_steps}: training loss={metrics['train_loss']:.4f}"
-    if "valid_loss" in metrics:
-        message += f", validation loss={metrics['valid_loss']:.4f}"
-    if "full_valid_loss" in metrics:
-        message += f", full validation loss={metrics['full_valid_loss']:.4f}"
-    hooks.event(message, type="metrics", data=metrics | {"total_steps": total_steps})
-
-
 def _floats(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -601,7 +551,7 @@ def _smoke_test(
         return None
 
     model.eval()
-    eos_ids = _eos_ids(model, tokenizer)
+    stop_ids = eos_ids(model.generation_config, tokenizer)
     samples = []
     for prompt, tools in prompts[:SMOKE_PROMPTS]:
         inputs = tokenizer.apply_chat_template(
@@ -613,11 +563,11 @@ def _smoke_test(
                 **inputs,
                 max_new_tokens=SMOKE_MAX_NEW_TOKENS,
                 do_sample=False,
-                eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
             )
         answer = output[0, inputs["input_ids"].shape[1] :].tolist()
-        ended = bool(answer) and answer[-1] in eos_ids
+        ended = bool(answer) and answer[-1] in stop_ids
         text = tokenizer.decode(answer, skip_special_tokens=True)
         samples.append({"prompt": prompt[-1]["content"], "answer": text, "ended_with_eos": ended})
     ends_with_eos = all(s["ended_with_eos"] for s in samples)
@@ -628,15 +578,6 @@ def _smoke_test(
         data={"ends_with_eos": ends_with_eos, "samples": samples},
     )
     return ends_with_eos
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token that ends a turn: the generation config's EOS ids plus the tokenizer's."""
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    if tokenizer.eos_token_id is not None:
-        ids = [*ids, tokenizer.eos_token_id]
-    return sorted(set(ids))
 
 
 def _release_memory(device: torch.device) -> None:

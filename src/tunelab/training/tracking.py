@@ -1,9 +1,9 @@
 """MLflow tracking: one run per fine-tuning job, its metrics and checkpoints, the registered model.
 
-    tracker = JobTracker(tracking_uri=tracking_uri(data_dir), experiment="tunelab", job_id=job.id,
+    tracker = JobTracker(tracking_uri=tracking_uri(settings), experiment="tunelab", job_id=job.id,
                          run_name=ft_model, on_warning=lambda m: hooks.event(m, level="warn"))
     result = train(spec, TrackedHooks(hooks, tracker))          # per-step metrics, hyperparameters, checkpoints
-    version = tracker.finish("succeeded", register=RegisterSpec(name, result.final_dir))
+    version = tracker.finish(JobStatus.SUCCEEDED, register=RegisterSpec(name, result.final_dir))
 
 Every MLflow call runs on one background thread, in order, fed by a queue: a slow or dead
 tracking server never stalls a training step, and the queue is the buffer while it is away.
@@ -30,37 +30,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunelab.config import DEFAULT_MODEL_NAME, Settings
+from tunelab.store.lifecycle import JobStatus
+from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
+from tunelab.training.hparams import Hyperparameters
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from tunelab.training.recipe import Checkpoint, TrainHooks
-
 log = logging.getLogger("tunelab.tracking")
 
-DEFAULT_EXPERIMENT = "tunelab"
 JOB_ID_TAG = "tunelab.job_id"
-MODEL_NAME_TEMPLATE = "{base}-{suffix}"
-"""Registered model name; ``{base}``: the base model id after its last '/', ``{suffix}``: the job's suffix."""
 INSTALL_HINT = "MLflow tracking needs the mlflow package: pip install 'mlflow>=3.5'"
 
 RETRY_SECONDS = 120.0  # how long one call may keep failing before MLflow is given up for the job
 MAX_BACKOFF = 15.0
 FINISH_TIMEOUT = 600.0  # finish() waits this long for queued uploads and the registration
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}  # job status -> run status
-# MLflow has no "paused": a paused job's run is SCHEDULED (it will run again), not terminated.
-PAUSED = "SCHEDULED"
+# The run status of a job that ended; MLflow has no "paused": a paused job's run is SCHEDULED
+# (it will run again), not terminated.
+RUN_STATUS = {JobStatus.SUCCEEDED: "FINISHED", JobStatus.FAILED: "FAILED", JobStatus.CANCELLED: "KILLED",
+              JobStatus.PAUSED: "SCHEDULED"}
 
 
-def tracking_uri(data_dir: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the data dir (artifacts in ``mlartifacts/`` beside it).
+def tracking_uri(settings: Settings) -> str:
+    """``settings.mlflow_tracking_uri`` (``MLFLOW_TRACKING_URI``) if set, else a SQLite store in the
+    data dir (artifacts in ``mlartifacts/`` beside it).
 
     See it with ``mlflow ui --backend-store-uri sqlite:///<data_dir>/mlflow.db``.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{data_dir.expanduser().resolve() / 'mlflow.db'}"
+    return settings.mlflow_tracking_uri or f"sqlite:///{settings.data_path / 'mlflow.db'}"
 
 
-def registered_model_name(base_model: str, suffix: str | None, template: str = MODEL_NAME_TEMPLATE) -> str:
+def quiet_http_retries() -> None:
+    """Let the tracker do the retrying: MLflow's own default (7 retries, minutes per call) would hold
+    the whole queue behind one call. Explicit settings win. Call once per process, before tracking."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+def registered_model_name(base_model: str, suffix: str | None, template: str = DEFAULT_MODEL_NAME) -> str:
     """The registry name for a job's model, e.g. ``SmolLM2-135M-Instruct-tunelab``.
 
     MLflow forbids '/' and ':' in names; anything but letters, digits, '.', '_' and '-' becomes '-'.
@@ -90,7 +99,7 @@ class JobTracker:
     """One MLflow run for one job. Never raises into training; problems become warnings.
 
     Args:
-        tracking_uri: where to log (``tracking_uri(data_dir)``).
+        tracking_uri: where to log (``tracking_uri(settings)``).
         experiment: experiment name; created if missing.
         job_id: set as the run's ``tunelab.job_id`` tag.
         run_name: the run's name (the fine-tuned model id reads well).
@@ -123,10 +132,6 @@ class JobTracker:
         self._gave_up = False
         self._warned: set[str] = set()
         self._finished = False
-        # Our thread does the retrying; MLflow's own default (7 retries, minutes per call) would
-        # hold the whole queue behind one call. Explicit settings win.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self._thread = threading.Thread(target=self._drain, name=f"mlflow-{job_id}", daemon=True)
         self._thread.start()
         self._submit("start the run", self._start_run, essential=True)
@@ -165,13 +170,13 @@ class JobTracker:
         self._submit(f"upload {artifact_file}", lambda c: c.log_dict(self._run(), snapshot, artifact_file))
 
     def finish(
-        self, status: str, *, register: RegisterSpec | None = None, timeout: float = FINISH_TIMEOUT
+        self, status: JobStatus, *, register: RegisterSpec | None = None, timeout: float = FINISH_TIMEOUT
     ) -> str | None:
         """End the run after everything queued; on success, register the model first.
 
         Args:
-            status: the job's final status: "succeeded", "failed" or "cancelled"; or "paused".
-            register: the model to register; only used when ``status`` is "succeeded".
+            status: the job's final status (succeeded, failed or cancelled), or paused.
+            register: the model to register; only used when ``status`` is succeeded.
             timeout: seconds to wait for queued uploads and the registration.
 
         Returns:
@@ -180,12 +185,13 @@ class JobTracker:
         if self._finished:
             return self.model_version
         self._finished = True
-        if register is not None and status == "succeeded":
+        if register is not None and status is JobStatus.SUCCEEDED:
             self._submit(f"register the model as {register.name!r}", lambda c: self._register(register))
-        if status == "paused":
-            self._submit("mark the run paused", lambda c: c.update_run(self._run(), status=PAUSED))
+        run_status = RUN_STATUS.get(status, "FINISHED")
+        if status is JobStatus.PAUSED:
+            self._submit("mark the run paused", lambda c: c.update_run(self._run(), status=run_status))
         else:
-            self._submit("end the run", lambda c: c.set_terminated(self._run(), STATUS.get(status, "FINISHED")))
+            self._submit("end the run", lambda c: c.set_terminated(self._run(), run_status))
         self._ops.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -402,21 +408,23 @@ def _without_password(uri: str) -> str:
 class TrackedHooks:
     """The recipe's hooks, passed on unchanged, that also log to MLflow.
 
-    Per-step ``metrics`` events become metrics at their step, the "Training started" event's
-    resolved hyperparameters become params, and each kept checkpoint is uploaded.
+    The resolved hyperparameters become params, each step's numbers metrics at their step, and
+    each kept checkpoint is uploaded.
     """
 
     def __init__(self, hooks: TrainHooks, tracker: JobTracker) -> None:
         self.hooks, self.tracker = hooks, tracker
 
-    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
-        self.hooks.event(message, level=level, type=type, data=data)
-        if data is None:
-            return
-        if type == "metrics":
-            self.tracker.log_metrics(int(data["step"]), data)
-        elif "hyperparameters" in data:  # the recipe's "Training started" event
-            self.tracker.log_params({**data["hyperparameters"], "total_steps": data.get("total_steps")})
+    def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self.hooks.event(message, level=level, data=data)
+
+    def started(self, resolved: Hyperparameters, total_steps: int) -> None:
+        self.hooks.started(resolved, total_steps)
+        self.tracker.log_params({**resolved.as_dict(), "total_steps": total_steps})
+
+    def step(self, metrics: StepMetrics) -> None:
+        self.hooks.step(metrics)
+        self.tracker.log_metrics(metrics.step, metrics.as_dict())
 
     def checkpoint(self, ckpt: Checkpoint) -> None:
         self.hooks.checkpoint(ckpt)
@@ -425,5 +433,5 @@ class TrackedHooks:
     def checkpoint_deleted(self, ckpt: Checkpoint) -> None:
         self.hooks.checkpoint_deleted(ckpt)  # MLflow keeps its copy: the run's record of the epoch
 
-    def should_stop(self) -> bool:
+    def should_stop(self) -> Stop:
         return self.hooks.should_stop()
