@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-all clean
+.PHONY: setup demo check test test-fast test-slow test-all clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,28 @@ setup: $(BIN)/tunelab
 demo: setup
 	$(BIN)/python examples/demo.py
 
-# The default set: fast tests plus the lab end to end (~15 min on 2 cores); test-all adds the
-# slow training and MLflow-server tests.
+# Gates: formatting, lint, types, and the unit tests (no server, no training) with warnings as errors.
+SOURCES := src tests benchmarks examples
+check: setup
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -m "not slow and not integration" -W error
+
+# The default set: unit and integration tests plus the lab end to end (~15 min on 2 cores).
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow or e2e"
 
-test-all: setup
-	$(BIN)/python -m pytest -q
-
+# Without training: unit and integration tests.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tier that `make test` leaves out: training on the bundled model, a real MLflow server.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m "slow and not e2e"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

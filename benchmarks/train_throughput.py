@@ -81,11 +81,15 @@ def make_chats(n: int, seed: int) -> list[dict]:
     for i in range(n):
         question, answer = FACTS[i % len(FACTS)]
         prefix = rng.choice(PREFIXES)
-        chats.append({"messages": [
-            {"role": "system", "content": rng.choice(SYSTEMS)},
-            {"role": "user", "content": prefix + (question[0].lower() + question[1:] if prefix else question)},
-            {"role": "assistant", "content": answer},
-        ]})
+        chats.append(
+            {
+                "messages": [
+                    {"role": "system", "content": rng.choice(SYSTEMS)},
+                    {"role": "user", "content": prefix + (question[0].lower() + question[1:] if prefix else question)},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
     return chats
 
 
@@ -111,17 +115,31 @@ def run_naive(model_dir: Path, train_file: Path, work: Path, max_steps: int, dev
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
-             for line in train_file.read_text().splitlines()]
+    texts = [
+        tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+        for line in train_file.read_text().splitlines()
+    ]
     enc = tokenizer(texts, padding="max_length", max_length=512, truncation=True, add_special_tokens=False)
     # pad == eos for this model, so labels come from the attention mask, not from pad ids
-    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    labels = [
+        [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+        for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+    ]
     data = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     args = TrainingArguments(
-        output_dir=str(work / "naive"), per_device_train_batch_size=2, learning_rate=2e-5, weight_decay=0.01,
-        num_train_epochs=1, max_steps=max_steps if max_steps > 0 else -1, logging_steps=1, save_strategy="no",
-        report_to=[], seed=105, use_cpu=device == "cpu", disable_tqdm=True,
+        output_dir=str(work / "naive"),
+        per_device_train_batch_size=2,
+        learning_rate=2e-5,
+        weight_decay=0.01,
+        num_train_epochs=1,
+        max_steps=max_steps if max_steps > 0 else -1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=105,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     start = time.perf_counter()
@@ -132,8 +150,16 @@ def run_naive(model_dir: Path, train_file: Path, work: Path, max_steps: int, dev
     # the Trainer shuffles; it saw 2 x steps examples, each of mean real length
     real_per_example = sum(map(sum, enc["attention_mask"])) / len(texts)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"steps": steps, "epoch_steps": (len(texts) + 1) // 2, "real_tokens": round(2 * steps * real_per_example),
-            "seconds": seconds, "last_train_loss": losses[-1], "model": model, "lora": False, "peak": peak}
+    return {
+        "steps": steps,
+        "epoch_steps": (len(texts) + 1) // 2,
+        "real_tokens": round(2 * steps * real_per_example),
+        "seconds": seconds,
+        "last_train_loss": losses[-1],
+        "model": model,
+        "lora": False,
+        "peak": peak,
+    }
 
 
 # -- tunelab ---------------------------------------------------------------------------------------
@@ -170,10 +196,19 @@ def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, d
 
     hooks = TimingHooks()
     out = work / f"tunelab-{lora_rank}"
-    result = train(TrainSpec(base_model_dir=model_dir, training_file=train_file, validation_file=None, output_dir=out,
-                             seed=105, hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
-                             device=device,
-                             cpu_threads=torch.get_num_threads() if device == "cpu" else None), hooks)
+    result = train(
+        TrainSpec(
+            base_model_dir=model_dir,
+            training_file=train_file,
+            validation_file=None,
+            output_dir=out,
+            seed=105,
+            hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
+            device=device,
+            cpu_threads=torch.get_num_threads() if device == "cpu" else None,
+        ),
+        hooks,
+    )
     peak = peak_memory(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lines = train_file.read_text().splitlines()
@@ -184,9 +219,16 @@ def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, d
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), result.final_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(result.final_dir)
-    return {"steps": hooks.last["step"], "epoch_steps": hooks.last["total_steps"], "real_tokens": real_tokens,
-            "seconds": hooks.end - hooks.start, "last_train_loss": hooks.last["train_loss"],
-            "model": model.to(device), "lora": bool(lora_rank), "peak": peak}
+    return {
+        "steps": hooks.last["step"],
+        "epoch_steps": hooks.last["total_steps"],
+        "real_tokens": real_tokens,
+        "seconds": hooks.end - hooks.start,
+        "last_train_loss": hooks.last["train_loss"],
+        "model": model.to(device),
+        "lora": bool(lora_rank),
+        "peak": peak,
+    }
 
 
 def run_api(model_dir: Path, train_file: Path, work: Path, device: str) -> dict:
@@ -203,16 +245,24 @@ def run_api(model_dir: Path, train_file: Path, work: Path, device: str) -> dict:
         port = sock.getsockname()[1]
     data_dir = work / "api-data"
     env = {**os.environ, "TUNELAB_API_KEY": "bench", "TUNELAB_DEVICE": device}
-    server = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir",
-                               str(data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bench", max_retries=20)
     try:
         client.models.list()  # retries until the server is up
         start = time.perf_counter()
         with train_file.open("rb") as f:
             file_id = client.files.create(file=f, purpose="fine-tune").id
-        job = client.fine_tuning.jobs.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", training_file=file_id,
-                                             seed=105, hyperparameters={"n_epochs": 1, "batch_size": 2})
+        job = client.fine_tuning.jobs.create(
+            model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            training_file=file_id,
+            seed=105,
+            hyperparameters={"n_epochs": 1, "batch_size": 2},
+        )
         while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
             time.sleep(0.5)
         seconds = time.perf_counter() - start
@@ -227,11 +277,22 @@ def run_api(model_dir: Path, train_file: Path, work: Path, device: str) -> dict:
     from tunelab.training.tokenize import tokenize_chat
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    real_tokens = sum(len(tokenize_chat(tokenizer, json.loads(line)["messages"]))
-                      for line in train_file.read_text().splitlines())
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), data_dir / "jobs" / job.id / "final")
-    return {"steps": last["step"], "epoch_steps": last["total_steps"], "real_tokens": real_tokens, "seconds": seconds,
-            "last_train_loss": last["train_loss"], "model": model.to(device), "lora": True, "peak": None}
+    real_tokens = sum(
+        len(tokenize_chat(tokenizer, json.loads(line)["messages"])) for line in train_file.read_text().splitlines()
+    )
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), data_dir / "jobs" / job.id / "final"
+    )
+    return {
+        "steps": last["step"],
+        "epoch_steps": last["total_steps"],
+        "real_tokens": real_tokens,
+        "seconds": seconds,
+        "last_train_loss": last["train_loss"],
+        "model": model.to(device),
+        "lora": True,
+        "peak": None,
+    }
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -272,10 +333,14 @@ def flops_per_token(model_dir: Path, lora: bool, mean_len: float) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
+        n_params = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters()
+        )
     if not config.get("tie_word_embeddings", False):  # the input embedding is a lookup, not a matmul
         n_params -= config["vocab_size"] * config["hidden_size"]
-    d_attn = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    d_attn = config["num_attention_heads"] * config.get(
+        "head_dim", config["hidden_size"] // config["num_attention_heads"]
+    )
     return (4 if lora else 6) * n_params + 12 * config["num_hidden_layers"] * d_attn * mean_len
 
 
@@ -291,8 +356,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _child(recipe: str, model_dir: Path, train_file: Path, heldout: list[dict], work: Path, naive_steps: int,
-           device: str, threads: int, queue: mp.Queue) -> None:
+def _child(
+    recipe: str,
+    model_dir: Path,
+    train_file: Path,
+    heldout: list[dict],
+    work: Path,
+    naive_steps: int,
+    device: str,
+    threads: int,
+    queue: mp.Queue,
+) -> None:
     torch.set_num_threads(threads)
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -308,22 +382,40 @@ def _child(recipe: str, model_dir: Path, train_file: Path, heldout: list[dict], 
     queue.put(run)
 
 
-def measure(recipe: str, model_dir: Path, train_file: Path, heldout: list[dict], work: Path, naive_steps: int,
-            device: str, threads: int, peak: float, mean_len: float) -> Row:
+def measure(
+    recipe: str,
+    model_dir: Path,
+    train_file: Path,
+    heldout: list[dict],
+    work: Path,
+    naive_steps: int,
+    device: str,
+    threads: int,
+    peak: float,
+    mean_len: float,
+) -> Row:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(recipe, model_dir, train_file, heldout, work, naive_steps, device, threads,
-                                            queue))
+    proc = ctx.Process(
+        target=_child, args=(recipe, model_dir, train_file, heldout, work, naive_steps, device, threads, queue)
+    )
     proc.start()
     run = queue.get()
     proc.join()
     tokens_per_s = run["real_tokens"] / run["seconds"]
     return Row(
-        recipe=recipe, steps=run["steps"], epoch_steps=run["epoch_steps"], real_tokens=run["real_tokens"],
-        seconds=run["seconds"], tokens_per_s=tokens_per_s,
-        epoch_seconds=run["seconds"] * run["epoch_steps"] / run["steps"], epoch_estimated=run["steps"] < run["epoch_steps"],
+        recipe=recipe,
+        steps=run["steps"],
+        epoch_steps=run["epoch_steps"],
+        real_tokens=run["real_tokens"],
+        seconds=run["seconds"],
+        tokens_per_s=tokens_per_s,
+        epoch_seconds=run["seconds"] * run["epoch_steps"] / run["steps"],
+        epoch_estimated=run["steps"] < run["epoch_steps"],
         mfu=tokens_per_s * flops_per_token(model_dir, run["lora"], mean_len) / peak,
-        peak_memory_gib=run["peak_memory_gib"], last_train_loss=run["last_train_loss"], heldout_loss=run["heldout_loss"],
+        peak_memory_gib=run["peak_memory_gib"],
+        last_train_loss=run["last_train_loss"],
+        heldout_loss=run["heldout_loss"],
     )
 
 
@@ -333,9 +425,18 @@ def qwen_shaped_model(tokenizer_dir: Path, work: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
@@ -353,29 +454,42 @@ def print_table(title: str, rows: list[Row], naive: Row) -> None:
     for r in rows:
         epoch = f"{r.epoch_seconds:.0f}" + (" (est.)" if r.epoch_estimated else "")
         memory = "—" if r.peak_memory_gib != r.peak_memory_gib else f"{r.peak_memory_gib:.2f}"  # NaN: not measured
-        print(f"| {r.recipe} | {r.steps}/{r.epoch_steps} | {r.tokens_per_s:.1f} | {epoch} | "
-              f"{naive.epoch_seconds / r.epoch_seconds:.1f}x | {100 * r.mfu:.1f}% | {memory} | "
-              f"{r.last_train_loss:.3f} | {r.heldout_loss:.3f} |")
+        print(
+            f"| {r.recipe} | {r.steps}/{r.epoch_steps} | {r.tokens_per_s:.1f} | {epoch} | "
+            f"{naive.epoch_seconds / r.epoch_seconds:.1f}x | {100 * r.mfu:.1f}% | {memory} | "
+            f"{r.last_train_loss:.3f} | {r.heldout_loss:.3f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=200)
-    parser.add_argument("--naive-steps", type=int, default=None,
-                        help="steps of the naive recipe (0 = a whole epoch; default 20 on CPU, 0 on CUDA)")
+    parser.add_argument(
+        "--naive-steps",
+        type=int,
+        default=None,
+        help="steps of the naive recipe (0 = a whole epoch; default 20 on CPU, 0 on CUDA)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="CPU threads for every recipe (default: every core, as tunelab's recipe does)")
-    parser.add_argument("--recipes", default="naive,tunelab-full,tunelab-lora,tunelab-api",
-                        help="tunelab-api runs on the bundled model only")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU threads for every recipe (default: every core, as tunelab's recipe does)",
+    )
+    parser.add_argument(
+        "--recipes",
+        default="naive,tunelab-full,tunelab-lora,tunelab-api",
+        help="tunelab-api runs on the bundled model only",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     naive_steps = args.naive_steps if args.naive_steps is not None else (20 if args.device == "cpu" else 0)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from tunelab.models.bundled import bundled_model_dir
     from transformers import AutoTokenizer
 
+    from tunelab.models.bundled import bundled_model_dir
     from tunelab.training.tokenize import tokenize_chat
 
     bundled = bundled_model_dir(Path("~/.cache/tunelab").expanduser())
@@ -384,9 +498,11 @@ def main() -> None:
     chats, heldout = make_chats(args.examples, seed=0), make_chats(20, seed=1)
     tokenizer = AutoTokenizer.from_pretrained(bundled)
     mean_len = sum(len(tokenize_chat(tokenizer, c["messages"])) for c in chats) / len(chats)
-    print(f"device={args.device} ({platform.processor() or platform.machine()}, {args.threads} threads"
-          f"{', ' + torch.cuda.get_device_name() if args.device != 'cpu' else ''}), torch {torch.__version__}, "
-          f"peak matmul {peak / 1e9:.0f} GFLOP/s, {len(chats)} chats of {mean_len:.1f} tokens on average")
+    print(
+        f"device={args.device} ({platform.processor() or platform.machine()}, {args.threads} threads"
+        f"{', ' + torch.cuda.get_device_name() if args.device != 'cpu' else ''}), torch {torch.__version__}, "
+        f"peak matmul {peak / 1e9:.0f} GFLOP/s, {len(chats)} chats of {mean_len:.1f} tokens on average"
+    )
 
     models = [("SmolLM2-135M-Instruct (bundled)", bundled)]
     all_rows = {}
@@ -398,8 +514,12 @@ def main() -> None:
             models.append(("Qwen2.5-0.5B-shaped, random init", qwen_shaped_model(bundled, work)))
         for title, model_dir in models:
             recipes = [r for r in args.recipes.split(",") if r != "tunelab-api" or model_dir == bundled]
-            rows = [measure(recipe, model_dir, train_file, heldout, work, naive_steps, args.device, args.threads, peak,
-                            mean_len) for recipe in recipes]
+            rows = [
+                measure(
+                    recipe, model_dir, train_file, heldout, work, naive_steps, args.device, args.threads, peak, mean_len
+                )
+                for recipe in recipes
+            ]
             naive = next((r for r in rows if r.recipe == "naive"), rows[0])
             print_table(title, rows, naive)
             all_rows[title] = [asdict(r) for r in rows]

@@ -157,7 +157,7 @@ def lab_token_counts(file: Path) -> tuple[list[int], list[int]]:
     """The lab cell's loop for one file, minus its printing (the statistics are computed)."""
     global encoding
     encoding = tiktoken.get_encoding("cl100k_base")
-    with open(file, "r", encoding="utf-8") as f:
+    with open(file, encoding="utf-8") as f:
         dataset = [json.loads(line) for line in f]
     total_tokens = []
     assistant_tokens = []
@@ -220,8 +220,10 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
-    print(f"file: {n:,} chat examples, {size_mb:.1f} MB; {cores} cores (load average {load:.1f}); "
-          f"tiktoken {tiktoken.__version__}; best of {args.repeat}")
+    print(
+        f"file: {n:,} chat examples, {size_mb:.1f} MB; {cores} cores (load average {load:.1f}); "
+        f"tiktoken {tiktoken.__version__}; best of {args.repeat}"
+    )
     print(f"{'approach':<42}{'wall s':>8}{'MB/s':>7}{'vs lab':>8}{'CPU s':>8}")
     lab_wall = best["lab cell (json.loads + tiktoken encode)"][0]
     for label, (wall, cpu) in best.items():

@@ -40,7 +40,10 @@ def start_server() -> tuple[subprocess.Popen, str]:
     log = (DATA_DIR.parent / "demo-server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir", str(DATA_DIR)],
-        env={**os.environ, "TUNELAB_API_KEY": KEY}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "TUNELAB_API_KEY": KEY},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -99,11 +102,15 @@ def run_lab(url: str, train_path, valid_path) -> None:
         raise SystemExit(f"the job ended {job.status}: {job.error}")
 
     step("5. Deploy the fine-tuned model (Azure management API)")
-    deployment = (f"{url}/subscriptions/demo/resourceGroups/demo/providers/Microsoft.CognitiveServices"
-                  f"/accounts/tunelab/deployments/demo-ft")
+    deployment = (
+        f"{url}/subscriptions/demo/resourceGroups/demo/providers/Microsoft.CognitiveServices"
+        f"/accounts/tunelab/deployments/demo-ft"
+    )
     headers, params = {"Authorization": f"Bearer {KEY}"}, {"api-version": "2023-05-01"}
-    body = {"sku": {"name": "standard", "capacity": 1},
-            "properties": {"model": {"format": "OpenAI", "name": job.fine_tuned_model, "version": "1"}}}
+    body = {
+        "sku": {"name": "standard", "capacity": 1},
+        "properties": {"model": {"format": "OpenAI", "name": job.fine_tuned_model, "version": "1"}},
+    }
     r = requests.put(deployment, params=params, headers=headers, json=body)
     r.raise_for_status()
     while r.json()["properties"]["provisioningState"] == "Creating":

@@ -31,14 +31,18 @@ class Server:
         return AzureOpenAI(azure_endpoint=self.url, api_key=self.key, api_version=api_version, max_retries=0)
 
     def deployment_url(self, name: str) -> str:
-        return (f"{self.url}/subscriptions/sub/resourceGroups/rg/providers/"
-                f"Microsoft.CognitiveServices/accounts/acct/deployments/{name}")
+        return (
+            f"{self.url}/subscriptions/sub/resourceGroups/rg/providers/"
+            f"Microsoft.CognitiveServices/accounts/acct/deployments/{name}"
+        )
 
     def deploy(self, name: str, model: str, timeout: float = 120) -> dict:
         """PUT a deployment the way the lab does and wait until it is provisioned."""
         url, headers = self.deployment_url(name), {"Authorization": f"Bearer {self.key}"}
-        body = {"sku": {"name": "standard", "capacity": 1},
-                "properties": {"model": {"format": "OpenAI", "name": model, "version": "1"}}}
+        body = {
+            "sku": {"name": "standard", "capacity": 1},
+            "properties": {"model": {"format": "OpenAI", "name": model, "version": "1"}},
+        }
         r = requests.put(url, params={"api-version": "2023-05-01"}, headers=headers, json=body)
         assert r.status_code in (200, 201), r.text
         deadline = time.time() + timeout

@@ -8,11 +8,12 @@ import os
 # on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import logging  # noqa: E402
+import contextlib  # noqa: E402
+import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,14 +21,19 @@ from rich.console import Console
 from tunelab.cli_data import app as data_app
 from tunelab.config import Settings
 
-app = typer.Typer(help="Fine-tune and serve open-weight language models behind an OpenAI-compatible API.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Fine-tune and serve open-weight language models behind an OpenAI-compatible API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="The model catalogue: base models you can fine-tune and serve.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")]
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")
+]
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -64,8 +70,16 @@ def serve(
     child = None
     if worker:
         # A separate process: training must not compete with the server's event loop for the GIL.
-        cmd = [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(settings.data_path),
-               "--parent-pid", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "worker",
+            "--data-dir",
+            str(settings.data_path),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         child = subprocess.Popen(cmd)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
@@ -81,7 +95,7 @@ def serve(
 @app.command("worker")
 def worker_cmd(
     data_dir: DataDir = None,
-    parent_pid: Annotated[Optional[int], typer.Option(hidden=True, help="Exit when this process is gone.")] = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Exit when this process is gone.")] = None,
 ) -> None:
     """Run a training worker: claims queued jobs from the store and trains them."""
     from tunelab.training.tracking import quiet_http_retries
@@ -91,10 +105,8 @@ def worker_cmd(
     settings = _settings(data_dir)
     _store(settings)
     quiet_http_retries()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once
         Worker(settings, parent_pid=parent_pid).run_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 @models_app.command("list")
@@ -132,4 +144,3 @@ def models_path(model_id: str, data_dir: DataDir = None) -> None:
     except ModelNotFound:
         console.print(f"[red]error:[/red] no base model {model_id!r} (see `tunelab models list`)")
         raise typer.Exit(2) from None
-

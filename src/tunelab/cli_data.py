@@ -72,8 +72,11 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
     data_dir: Annotated[
         Path | None,
-        typer.Option("--data-dir", help="Data folder whose model catalogue --model ids are looked up in "
-                     "(env TUNELAB_DATA_DIR, default ~/.tunelab)."),
+        typer.Option(
+            "--data-dir",
+            help="Data folder whose model catalogue --model ids are looked up in "
+            "(env TUNELAB_DATA_DIR, default ~/.tunelab).",
+        ),
     ] = None,
 ) -> None:
     """Check files; exit 0 when all are valid, 1 when any has errors, 2 for usage errors."""
@@ -145,7 +148,9 @@ def _catalogue_folder(model_id: str, data_dir: Path | None) -> Path:
     try:
         return model_source(store, model_id, settings.cache_path).model_dir
     except ModelNotFound:
-        raise UsageError(f"unknown model {model_id!r}: give a local HF folder or a model id (tunelab models list)") from None
+        raise UsageError(
+            f"unknown model {model_id!r}: give a local HF folder or a model id (tunelab models list)"
+        ) from None
     except BundledModelMissing as exc:
         raise UsageError(str(exc)) from exc
 
@@ -153,8 +158,11 @@ def _catalogue_folder(model_id: str, data_dir: Path | None) -> Path:
 def _print_report(console: Console, report: FileReport) -> None:
     verdict = "[green]valid[/green]" if report.valid else "[red]invalid[/red]"
     # Messages quote the user's data, so everything from the report is escaped from rich markup.
-    console.print(f"\n[bold]{escape(str(report.path))}[/bold]: {verdict}, {report.format or 'unknown'} format, "
-                  f"{report.examples:,} examples", soft_wrap=True)
+    console.print(
+        f"\n[bold]{escape(str(report.path))}[/bold]: {verdict}, {report.format or 'unknown'} format, "
+        f"{report.examples:,} examples",
+        soft_wrap=True,
+    )
     if report.errors:
         table = Table("line", "code", "error", box=box.SIMPLE_HEAD)
         for issue in report.errors:
@@ -163,7 +171,9 @@ def _print_report(console: Console, report: FileReport) -> None:
         if report.errors_omitted:
             console.print(f"  ... and {report.errors_omitted:,} more errors")
     for issue in report.warnings:
-        console.print(f"[yellow]warning[/yellow] {issue.code}: {escape(issue.message)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]warning[/yellow] {issue.code}: {escape(issue.message)}", highlight=False, soft_wrap=True
+        )
     primary = report.primary_tokens()
     if primary is not None:
         _print_tokens(console, report, *primary)
@@ -171,14 +181,27 @@ def _print_report(console: Console, report: FileReport) -> None:
 
 def _print_tokens(console: Console, report: FileReport, name: str, stats: TokenStats) -> None:
     """The statistics table, then the epochs and histogram of the primary tokenizer's counts."""
-    table = Table(Column("tokens per example", no_wrap=True), "min", "max", "mean", "median", "p5", "p95",
-                  "per epoch", box=box.SIMPLE_HEAD)
+    table = Table(
+        Column("tokens per example", no_wrap=True),
+        "min",
+        "max",
+        "mean",
+        "median",
+        "p5",
+        "p95",
+        "per epoch",
+        box=box.SIMPLE_HEAD,
+    )
     for row_name, row in report.tokens.items():
         for label, dist in ((f"{row_name} total", row.total), ("  assistant", row.assistant)):
             table.add_row(
                 label,
-                f"{dist.min:,}", f"{dist.max:,}", f"{dist.mean:,.1f}", f"{dist.median:,.1f}",
-                f"{dist.p5:,.1f}", f"{dist.p95:,.1f}",
+                f"{dist.min:,}",
+                f"{dist.max:,}",
+                f"{dist.mean:,.1f}",
+                f"{dist.median:,.1f}",
+                f"{dist.p5:,.1f}",
+                f"{dist.p95:,.1f}",
                 f"{row.trained_tokens_per_epoch:,}" if dist is row.total else "",
             )
     console.print(table)
@@ -194,7 +217,7 @@ def histogram_lines(histogram: Histogram, width: int = _BAR_WIDTH) -> list[str]:
     most = max(histogram.counts) or 1
     digits = len(f"{histogram.edges[-1]:,}")
     lines = []
-    for low, high, count in zip(histogram.edges, histogram.edges[1:], histogram.counts):
+    for low, high, count in zip(histogram.edges, histogram.edges[1:], histogram.counts, strict=False):
         bar = "█" * round(width * count / most)
         lines.append(f"{low:>{digits},} - {high - 1:>{digits},} | {bar} {count:,}")
     return lines

@@ -28,11 +28,13 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, description="How often an idle worker looks for jobs.")
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' for training and serving.")
     train_threads: int | None = Field(
-        default=None, description="CPU threads per training job; default every core (set 1 for several workers on one CPU)."
+        default=None,
+        description="CPU threads per training job; default every core (set 1 for several workers on one CPU).",
     )
     max_batch: int = Field(default=8, ge=1, description="Chat requests batched into one generate per model; 1 = none.")
     rate_limits: bool = Field(
-        default=False, description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit)."
+        default=False,
+        description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit).",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,

@@ -20,8 +20,11 @@ def base_deployment(server):
 
 
 def test_deployment_is_listed_in_azure_shape(server, base_deployment):
-    r = requests.get(server.deployment_url("").rstrip("/"), params={"api-version": "2023-05-01"},
-                     headers={"Authorization": f"Bearer {server.key}"})
+    r = requests.get(
+        server.deployment_url("").rstrip("/"),
+        params={"api-version": "2023-05-01"},
+        headers={"Authorization": f"Bearer {server.key}"},
+    )
     names = [d["name"] for d in r.json()["value"]]
     assert base_deployment in names
     item = next(d for d in r.json()["value"] if d["name"] == base_deployment)
@@ -36,8 +39,16 @@ def test_chat_plain_and_streamed_agree_at_temperature_zero(client, base_deployme
     assert plain.usage.prompt_tokens > 0 and plain.usage.completion_tokens > 0
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(model=base_deployment, messages=QUESTION, temperature=0,
-                                                 max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=base_deployment,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
@@ -62,8 +73,11 @@ def test_same_seed_same_sample(client, base_deployment):
 
 
 def test_deployment_of_unknown_model_is_400(server):
-    r = requests.put(server.deployment_url("bad"), headers={"Authorization": f"Bearer {server.key}"},
-                     json={"properties": {"model": {"format": "OpenAI", "name": "ft:nope", "version": "1"}}})
+    r = requests.put(
+        server.deployment_url("bad"),
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"properties": {"model": {"format": "OpenAI", "name": "ft:nope", "version": "1"}}},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "properties.model.name"
 
 

@@ -16,14 +16,20 @@ from tests.conftest import BASE_MODEL, SAMPLES, SHARED_LAB
 from tests.server import start_server, stop_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
-QUESTION = [{"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
-            {"role": "user", "content": "What is the capital of Portugal?"}]
+QUESTION = [
+    {"role": "system", "content": "Marv is a factual chatbot that is also a little sarcastic."},
+    {"role": "user", "content": "What is the capital of Portugal?"},
+]
 
 
 @pytest.fixture(scope="module")
 def finished_job(client, uploaded_lab_files):
     job = client.fine_tuning.jobs.create(
-        model=BASE_MODEL, training_file=uploaded_lab_files[0], validation_file=uploaded_lab_files[1], seed=105, suffix="lab",
+        model=BASE_MODEL,
+        training_file=uploaded_lab_files[0],
+        validation_file=uploaded_lab_files[1],
+        seed=105,
+        suffix="lab",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     assert job.status in ("queued", "running")
@@ -37,7 +43,7 @@ def test_job_succeeds_with_a_fine_tuned_model(server, client, finished_job):
     assert job.fine_tuned_model.startswith(f"ft:{BASE_MODEL}:lab:")
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at
     assert job.hyperparameters.n_epochs == 2
-    assert isinstance(job.hyperparameters.batch_size, int)          # "auto" resolved
+    assert isinstance(job.hyperparameters.batch_size, int)  # "auto" resolved
     assert isinstance(job.hyperparameters.learning_rate_multiplier, float)
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
 
@@ -96,8 +102,13 @@ def test_checkpoint_deploys_too(server, client, finished_job):
 
 def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, uploaded_lab_files, finished_job):
     parent = server.wait_job(finished_job)
-    job = client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=uploaded_lab_files[0], seed=105,
-                                         suffix="more", hyperparameters={"n_epochs": 1})
+    job = client.fine_tuning.jobs.create(
+        model=parent.fine_tuned_model,
+        training_file=uploaded_lab_files[0],
+        seed=105,
+        suffix="more",
+        hyperparameters={"n_epochs": 1},
+    )
     assert job.model == parent.fine_tuned_model
     done = server.wait_job(job.id)
     assert done.status == "succeeded", done.error
@@ -105,21 +116,27 @@ def test_a_fine_tuned_model_can_be_fine_tuned_further(server, client, uploaded_l
     assert done.method.supervised.hyperparameters.model_extra["lora_rank"] == 16  # the parent's adapter
 
     def first_loss(job_id: str) -> float:
-        return min((e for e in client.fine_tuning.jobs.list_events(job_id) if e.type == "metrics"),
-                   key=lambda e: e.data["step"]).data["train_loss"]
+        return min(
+            (e for e in client.fine_tuning.jobs.list_events(job_id) if e.type == "metrics"),
+            key=lambda e: e.data["step"],
+        ).data["train_loss"]
 
     # It starts where the parent ended (2 epochs on these examples), not from the base model.
     assert first_loss(job.id) < first_loss(finished_job) - 0.3
-    answer = client.chat.completions.create(model=done.fine_tuned_model, messages=QUESTION, temperature=0,
-                                            max_tokens=60)
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=QUESTION, temperature=0, max_tokens=60
+    )
     assert answer.choices[0].message.content.strip() and answer.choices[0].finish_reason == "stop"
 
 
 def test_continuing_with_another_method_is_a_400(client, uploaded_lab_files, finished_job, server):
     parent = server.wait_job(finished_job)
     with pytest.raises(openai.BadRequestError, match="LoRA") as err:
-        client.fine_tuning.jobs.create(model=parent.fine_tuned_model, training_file=uploaded_lab_files[0],
-                                       method={"type": "supervised", "supervised": {"hyperparameters": {"lora_rank": 0}}})
+        client.fine_tuning.jobs.create(
+            model=parent.fine_tuned_model,
+            training_file=uploaded_lab_files[0],
+            method={"type": "supervised", "supervised": {"hyperparameters": {"lora_rank": 0}}},
+        )
     assert err.value.body["param"] == "lora_rank"
 
 
@@ -135,7 +152,9 @@ def test_a_model_that_a_job_starts_from_cannot_be_deleted(server, client, upload
 
 
 def test_cancel_mid_training_leaves_worker_healthy(server, client, uploaded_lab_files):
-    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 20})
+    job = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 20}
+    )
     server.wait_training(job.id)  # mid-epoch
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
@@ -145,13 +164,18 @@ def test_cancel_mid_training_leaves_worker_healthy(server, client, uploaded_lab_
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
     # The worker takes the next job.
-    nxt = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 1})
+    nxt = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=uploaded_lab_files[0], hyperparameters={"n_epochs": 1}
+    )
     assert server.wait_job(nxt.id).status == "succeeded"
 
 
 def test_full_fine_tuning_job_deploys_and_answers(server, client, uploaded_lab_files):
     job = client.fine_tuning.jobs.create(
-        model=BASE_MODEL, training_file=uploaded_lab_files[0], seed=11, suffix="full",
+        model=BASE_MODEL,
+        training_file=uploaded_lab_files[0],
+        seed=11,
+        suffix="full",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "lora_rank": 0}}},
     )
     done = server.wait_job(job.id)
@@ -173,8 +197,9 @@ def _wait_status(client, job_id: str, status: str, timeout: float = 300):
 
 
 def test_pause_then_resume_trains_every_step_once(server, client, uploaded_lab_files):
-    job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded_lab_files[0], seed=5,
-                                         hyperparameters={"n_epochs": 3, "batch_size": 2})  # 18 steps
+    job = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=uploaded_lab_files[0], seed=5, hyperparameters={"n_epochs": 3, "batch_size": 2}
+    )  # 18 steps
     server.wait_training(job.id)
     assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")
     _wait_status(client, job.id, "paused")
@@ -202,8 +227,9 @@ def test_a_restarted_server_goes_on_with_the_job(tmp_path):
         client = srv.openai()
         with (SAMPLES / "training_set.jsonl").open("rb") as f:
             training_file = client.files.create(file=f, purpose="fine-tune").id
-        job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=training_file,
-                                             hyperparameters={"n_epochs": 2, "batch_size": 2})  # 12 steps
+        job = client.fine_tuning.jobs.create(
+            model=BASE_MODEL, training_file=training_file, hyperparameters={"n_epochs": 2, "batch_size": 2}
+        )  # 12 steps
         srv.wait_training(job.id)
         stop_server(srv)  # SIGTERM, as a service manager or Ctrl-C would stop it
         srv = start_server(tmp_path / "data")
@@ -223,10 +249,21 @@ def test_a_restarted_server_goes_on_with_the_job(tmp_path):
 def test_the_lab_client_runs_unchanged(server, tmp_path):
     from tunelab.data.encodings import install_tiktoken_cache
 
-    env = {**os.environ, "TUNELAB_ENDPOINT": server.url, "TUNELAB_API_KEY": server.key,
-           "TIKTOKEN_CACHE_DIR": str(install_tiktoken_cache(tmp_path / "tiktoken")), "TUNELAB_LAB_TIMEOUT": "900"}
-    run = subprocess.run([sys.executable, str(SHARED_LAB / "lab_client.py")], env=env, cwd=SHARED_LAB,
-                         capture_output=True, text=True, timeout=1200)
+    env = {
+        **os.environ,
+        "TUNELAB_ENDPOINT": server.url,
+        "TUNELAB_API_KEY": server.key,
+        "TIKTOKEN_CACHE_DIR": str(install_tiktoken_cache(tmp_path / "tiktoken")),
+        "TUNELAB_LAB_TIMEOUT": "900",
+    }
+    run = subprocess.run(
+        [sys.executable, str(SHARED_LAB / "lab_client.py")],
+        env=env,
+        cwd=SHARED_LAB,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.rstrip().endswith("LAB OK")
     assert requests.get(server.deployment_url("gpt-4o-ft"), headers={"api-key": server.key}).status_code == 404

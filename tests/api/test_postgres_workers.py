@@ -24,9 +24,13 @@ def cluster(postgres_url, tmp_path_factory):
     env = {"TUNELAB_DATABASE_URL": new_database(postgres_url, "tunelab"), "TUNELAB_TRAIN_THREADS": "1"}
     server = start_server(data_dir, worker=False, env=env)
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tunelab", "worker", "--data-dir", str(data_dir)],
-                         env={**os.environ, "TUNELAB_API_KEY": KEY, **env}, start_new_session=True,
-                         stdout=(data_dir.parent / f"worker-{i}.log").open("wb"), stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(data_dir)],
+            env={**os.environ, "TUNELAB_API_KEY": KEY, **env},
+            start_new_session=True,
+            stdout=(data_dir.parent / f"worker-{i}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         for i in range(2)
     ]
     yield server, workers
@@ -41,15 +45,22 @@ def test_two_workers_train_two_jobs_at_once_and_the_models_serve(cluster):
     client = server.openai()
     with (SAMPLES / "training_set.jsonl").open("rb") as f:
         training_file = client.files.create(file=f, purpose="fine-tune").id
-    jobs = [client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=training_file, suffix=f"pg{i}",
-                                           hyperparameters={"n_epochs": 1}) for i in range(2)]
+    jobs = [
+        client.fine_tuning.jobs.create(
+            model=BASE_MODEL, training_file=training_file, suffix=f"pg{i}", hyperparameters={"n_epochs": 1}
+        )
+        for i in range(2)
+    ]
     done = [server.wait_job(job.id, timeout=900) for job in jobs]
     assert [j.status for j in done] == ["succeeded", "succeeded"], [j.error for j in done]
 
     ran_on = set()
     for job in done:
-        started = next(e.message for e in client.fine_tuning.jobs.list_events(job.id)
-                       if e.message.startswith("Fine-tuning job started on worker"))
+        started = next(
+            e.message
+            for e in client.fine_tuning.jobs.list_events(job.id)
+            if e.message.startswith("Fine-tuning job started on worker")
+        )
         ran_on.add(re.search(r"on worker (\S+)$", started).group(1))
     assert ran_on == {f"{socket.gethostname()}:{w.pid}" for w in workers}  # one job each, side by side
 

@@ -54,7 +54,11 @@ def test_tokens_count_the_prompt_and_max_tokens(limited):
 
 def test_streamed_responses_carry_the_headers(limited):
     assert limited.deploy("stream", BASE_MODEL)["properties"]["provisioningState"] == "Succeeded"
-    r = requests.post(f"{limited.url}/v1/chat/completions", headers={"api-key": limited.key}, stream=True,
-                      json={"model": "stream", "messages": HI, "max_tokens": 2, "stream": True})
+    r = requests.post(
+        f"{limited.url}/v1/chat/completions",
+        headers={"api-key": limited.key},
+        stream=True,
+        json={"model": "stream", "messages": HI, "max_tokens": 2, "stream": True},
+    )
     assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "5"
     assert r.text.rstrip().endswith("data: [DONE]")

@@ -76,7 +76,9 @@ def test_max_tokens_and_epochs(write_jsonl: WriteJsonl) -> None:
     ],
     ids=["missing-file", "unknown-encoding", "unknown-model", "directory"],
 )
-def test_usage_errors_exit_2_in_one_line(write_jsonl: WriteJsonl, tmp_path: Path, args: list[str], message: str) -> None:
+def test_usage_errors_exit_2_in_one_line(
+    write_jsonl: WriteJsonl, tmp_path: Path, args: list[str], message: str
+) -> None:
     path = write_jsonl(chats(10))
     args = [a.format(file=path, dir=tmp_path) for a in args]
     result = runner.invoke(app, args)

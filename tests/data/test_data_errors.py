@@ -50,11 +50,15 @@ BAD_LINES: list[tuple[str, Line]] = [
     ("invalid_tool_call", with_messages(USER, {"role": "assistant", "tool_calls": [{**CALL, "id": None}]})),
     (
         "invalid_tool_call",  # arguments must be a JSON *string*
-        with_messages(USER, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}),
+        with_messages(
+            USER, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}
+        ),
     ),
     (
         "invalid_tool_call",
-        with_messages(USER, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{oops"}}]}),
+        with_messages(
+            USER, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{oops"}}]}
+        ),
     ),
     ("invalid_tool_call", with_messages(USER, {"role": "assistant", "function_call": {"name": "f"}})),
     ("orphan_tool_message", with_messages(USER, {"role": "tool", "tool_call_id": "call_9", "content": "5"}, ANSWER)),
@@ -165,7 +169,12 @@ def test_mixed_formats_keep_the_first_format(write_jsonl: WriteJsonl) -> None:
 
 
 def test_format_is_set_by_the_first_recognisable_example(write_jsonl: WriteJsonl) -> None:
-    lines: list[Line] = ["garbage", [1], *[{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(10)], chat()]
+    lines: list[Line] = [
+        "garbage",
+        [1],
+        *[{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(10)],
+        chat(),
+    ]
     report = validate_file(write_jsonl(lines))
     assert report.format == "prompt_completion"
     assert [(e.line, e.code) for e in report.errors] == [
@@ -227,8 +236,26 @@ def test_any_bytes_get_a_report(tmp_path: Path) -> None:
     import random
 
     rng = random.Random(7)
-    pieces = [b"{", b"}", b"[", b"]", b'"messages"', b'"role"', b":", b",", b"\n", b"\xff", b"\xef\xbb\xbf",
-              b'"content"', b"null", b"1e999999", b"\\ud800", b'"', b"\r\n", b"  "]
+    pieces = [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b'"messages"',
+        b'"role"',
+        b":",
+        b",",
+        b"\n",
+        b"\xff",
+        b"\xef\xbb\xbf",
+        b'"content"',
+        b"null",
+        b"1e999999",
+        b"\\ud800",
+        b'"',
+        b"\r\n",
+        b"  ",
+    ]
     for i in range(200):
         blob = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
         if i % 3 == 0:

@@ -50,11 +50,14 @@ def test_counts_equal_the_labs_on_its_files(lab_dir: Path, name: str) -> None:
     lab_total = [lab["num_tokens_from_messages"](ex["messages"]) for ex in dataset]
     lab_assistant = [lab["num_assistant_tokens_from_messages"](ex["messages"]) for ex in dataset]
     ours = [counter.count(Conversation(ex["messages"])) for ex in dataset]
-    assert ours == list(zip(lab_total, lab_assistant))
+    assert ours == list(zip(lab_total, lab_assistant, strict=True))
 
     report = validate_file(path)
     assert report.valid
-    for dist, values in ((report.tokens["cl100k_base"].total, lab_total), (report.tokens["cl100k_base"].assistant, lab_assistant)):
+    for dist, values in (
+        (report.tokens["cl100k_base"].total, lab_total),
+        (report.tokens["cl100k_base"].assistant, lab_assistant),
+    ):
         assert (dist.min, dist.max) == (min(values), max(values))
         assert dist.mean == pytest.approx(np.mean(values)) and dist.median == np.median(values)
 
@@ -115,7 +118,9 @@ def test_install_tiktoken_cache_serves_plain_tiktoken_offline(tmp_path: Path) ->
         " tiktoken.get_encoding('o200k_base').encode('hello world'))\n"
     )
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)}
-    result = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[15339, 1917] [24912, 2375]"
 

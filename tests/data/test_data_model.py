@@ -86,8 +86,9 @@ def test_cli_model_option(write_jsonl: WriteJsonl, model_dir: Path, tmp_path: Pa
 
     path = write_jsonl(chats(10))
     for model in (BUNDLED_ID, str(model_dir)):
-        result = CliRunner().invoke(app, ["validate", str(path), "--model", model, "--json",
-                                          "--data-dir", str(tmp_path / "data")])
+        result = CliRunner().invoke(
+            app, ["validate", str(path), "--model", model, "--json", "--data-dir", str(tmp_path / "data")]
+        )
         assert result.exit_code == 0, result.output
         [report] = json.loads(result.stdout)["files"]
         assert set(report["tokens"]) == {"cl100k_base", "model"}

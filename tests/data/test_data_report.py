@@ -62,8 +62,21 @@ def test_trained_tokens_use_the_auto_epochs(write_jsonl: WriteJsonl) -> None:
 
 @pytest.mark.parametrize(
     ("examples", "epochs"),
-    [(0, 25), (1, 25), (3, 25), (4, 25), (5, 20), (10, 10), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2),
-     (12_501, 1), (30_000, 1)],
+    [
+        (0, 25),
+        (1, 25),
+        (3, 25),
+        (4, 25),
+        (5, 20),
+        (10, 10),
+        (33, 3),
+        (34, 3),
+        (100, 3),
+        (8333, 3),
+        (8334, 2),
+        (12_501, 1),
+        (30_000, 1),
+    ],
 )
 def test_auto_n_epochs_is_the_cookbook_rule(examples: int, epochs: int) -> None:
     assert auto_n_epochs(examples) == epochs

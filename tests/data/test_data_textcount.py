@@ -12,7 +12,7 @@ from tunelab.data.textcount import TextCounter
 # Characters around which tiktoken's split patterns behave differently.
 ALPHABET = (
     ["a", "b", "Z", "é", "ß", "Ⅻ", "東", "京", "ا", "ं", "\u0301", "'", "’", "s", "t", "ll", "VE", "Re", "d", "M"]
-    + ["0", "7", "12345", "٣", ".", ",", "!", "?", "/", "(", ")", "-", "_", "\"", "@", "#", "😀", "👍🏽", "\ufffd"]
+    + ["0", "7", "12345", "٣", ".", ",", "!", "?", "/", "(", ")", "-", "_", '"', "@", "#", "😀", "👍🏽", "\ufffd"]
     + [" ", " ", " ", " ", "  ", "   ", "\n", "\r\n", "\t", "\u00a0", "\u2009", "\u3000", "\x0b", "\x1c", "\u2028"]
     + ["\u200b", "<|endoftext|>", "\ud800"]
 )

@@ -100,7 +100,13 @@ def test_warnings_come_in_a_fixed_order(write_jsonl: WriteJsonl) -> None:
     examples[1]["messages"][0]["content"] = " You are a helpful assistant."
     examples.append(examples[0])
     report = validate_file(write_jsonl(examples), max_tokens=20)
-    assert codes(report) == ["too_long", "duplicate_example", "empty_assistant", "repeated_assistant", "system_whitespace"]
+    assert codes(report) == [
+        "too_long",
+        "duplicate_example",
+        "empty_assistant",
+        "repeated_assistant",
+        "system_whitespace",
+    ]
 
 
 class WordTokenizer:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
-
 from tunelab.models.catalog import ModelSource
 from tunelab.serving.engine import Engine, SamplingParams
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21
 
 QUESTIONS = ["Who wrote Hamlet?", "What is the biggest ocean?", "Name a prime number.", "Say hi."]
 
@@ -68,8 +68,9 @@ def ask_together(engine: Engine, requests: list[tuple[str, str, int]]) -> list:
 
 def test_mixed_adapters_batch_and_answer_as_they_do_alone(tiny_dir, adapters):
     # Different models and max_tokens in one batch; longer prompts left-pad the shorter ones.
-    requests = [(model, q, 6 + 3 * i) for i, (model, q) in
-                enumerate((m, q) for q in QUESTIONS for m in ("base", "a", "b"))]
+    requests = [
+        (model, q, 6 + 3 * i) for i, (model, q) in enumerate((m, q) for q in QUESTIONS for m in ("base", "a", "b"))
+    ]
     alone_engine = serve(tiny_dir, adapters, max_batch=1)
     alone = [ask(alone_engine, *r) for r in requests]
 
@@ -93,8 +94,10 @@ def test_requests_that_decode_differently_are_not_batched_together(tiny_dir, ada
         barrier.wait()
         results[name] = engine.generate("a", [{"role": "user", "content": "Hi"}], params)
 
-    threads = [threading.Thread(target=run, args=("greedy", SamplingParams(max_tokens=4, temperature=0))),
-               threading.Thread(target=run, args=("stop", SamplingParams(max_tokens=4, temperature=0, stop=["x"])))]
+    threads = [
+        threading.Thread(target=run, args=("greedy", SamplingParams(max_tokens=4, temperature=0))),
+        threading.Thread(target=run, args=("stop", SamplingParams(max_tokens=4, temperature=0, stop=["x"]))),
+    ]
     for t in threads:
         t.start()
     for t in threads:

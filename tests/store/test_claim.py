@@ -29,8 +29,17 @@ def db_url(request, tmp_path) -> str:
 def queue_jobs(store: Store, n: int) -> list[str]:
     ids = []
     for i in range(n):
-        job = JobRow(id=new_id("ftjob"), created_at=now() + i, model="m", training_file="file-x", seed=1,
-                     method={"type": "supervised"}, hyperparameters={}, status=JobStatus.QUEUED, result_files=[])
+        job = JobRow(
+            id=new_id("ftjob"),
+            created_at=now() + i,
+            model="m",
+            training_file="file-x",
+            seed=1,
+            method={"type": "supervised"},
+            hyperparameters={},
+            status=JobStatus.QUEUED,
+            result_files=[],
+        )
         ids.append(store.add(job).id)
     return ids
 

@@ -36,8 +36,10 @@ def test_a_database_from_before_migrations_is_upgraded_and_keeps_its_rows(tmp_pa
         config.attributes["connection"] = conn
         command.upgrade(config, BASELINE)
         conn.execute(text("DROP TABLE alembic_version"))
-        conn.execute(text("""INSERT INTO jobs VALUES ('ftjob-old', 1, 'm', 'file-1', NULL, 7, NULL, NULL, '{}',
-                             '{"n_epochs": 2}', 'succeeded', NULL, NULL, 2, 'ft:m', 10, NULL, '[]', '[]')"""))
+        conn.execute(
+            text("""INSERT INTO jobs VALUES ('ftjob-old', 1, 'm', 'file-1', NULL, 7, NULL, NULL, '{}',
+                             '{"n_epochs": 2}', 'succeeded', NULL, NULL, 2, 'ft:m', 10, NULL, '[]', '[]')""")
+        )
     store = Store(url)
     old = store.get(JobRow, "ftjob-old")
     assert old is not None and old.status is JobStatus.SUCCEEDED and old.hyperparameters == {"n_epochs": 2}

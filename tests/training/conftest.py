@@ -28,11 +28,13 @@ SYSTEM = "Clippy is a factual chatbot that is also sarcastic."
 
 
 def chat(question: str, answer: str) -> dict:
-    return {"messages": [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": answer},
-    ]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> Path:
@@ -62,8 +64,9 @@ class RecordingHooks:
         self.started_with.append((resolved, total_steps))
 
     def step(self, metrics: StepMetrics) -> None:
-        self.events.append({"message": metrics.message(), "level": "info", "type": "metrics",
-                            "data": metrics.as_dict()})
+        self.events.append(
+            {"message": metrics.message(), "level": "info", "type": "metrics", "data": metrics.as_dict()}
+        )
 
     def checkpoint(self, ckpt) -> None:
         self.checkpoints.append(ckpt)

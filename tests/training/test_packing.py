@@ -52,7 +52,7 @@ def test_packed_row_gives_the_same_per_example_loss_as_one_by_one(model, tokeniz
     alone = per_example_losses(model, examples, max_row_tokens=1)  # one example per row
 
     assert len(pack(examples, 10_000)) == 1 and len(pack(examples, 1)) == len(examples)
-    for p, a, e in zip(packed, alone, examples):
+    for p, a, e in zip(packed, alone, examples, strict=True):
         assert p.shape == a.shape == (e.n_trained,)
         torch.testing.assert_close(p, a, rtol=0, atol=TOLERANCE)
 

@@ -18,7 +18,6 @@ from tunelab.training.tokenize import tokenize_chat
 
 from .conftest import CHATS, RecordingHooks, chat, write_jsonl
 
-
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier", "lora_rank", "lora_alpha", "lora_dropout")
 
 
@@ -26,8 +25,14 @@ def spec(model_dir: Path, files: tuple[Path, Path | None], out: Path, **override
     """A TrainSpec; hyperparameter names among ``overrides`` go into its JobSpec."""
     values = dict(seed=7, n_epochs=2, batch_size=2) | overrides
     hp = JobSpec(**{k: values.pop(k) for k in HYPERPARAMETERS if k in values})
-    return TrainSpec(base_model_dir=model_dir, training_file=files[0], validation_file=files[1], output_dir=out,
-                     hyperparameters=hp, **values)
+    return TrainSpec(
+        base_model_dir=model_dir,
+        training_file=files[0],
+        validation_file=files[1],
+        output_dir=out,
+        hyperparameters=hp,
+        **values,
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -41,8 +46,15 @@ def test_lora_run_writes_results_checkpoints_and_an_adapter(tiny_dir, chat_files
 
     # 5 examples, batch 2 -> 3 steps per epoch
     rows = read_csv(result.results_csv)
-    assert list(rows[0]) == ["step", "train_loss", "train_mean_token_accuracy", "valid_loss",
-                             "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"]
+    assert list(rows[0]) == [
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+    ]
     assert [int(r["step"]) for r in rows] == list(range(1, 10))
     assert all(r["train_loss"] and r["train_mean_token_accuracy"] for r in rows)
     assert [bool(r["full_valid_loss"]) for r in rows] == [False, False, True] * 3  # each epoch end
@@ -58,7 +70,8 @@ def test_lora_run_writes_results_checkpoints_and_an_adapter(tiny_dir, chat_files
     assert hooks.checkpoints[-1].metrics["full_valid_loss"] > 0
     for folder in [c.path for c in result.checkpoints] + [result.final_dir]:
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tunelab.json"} <= {
-            p.name for p in folder.iterdir()}
+            p.name for p in folder.iterdir()
+        }
         assert json.loads((folder / "tunelab.json").read_text())["method"] == "lora"
     assert result.final_dir == tmp_path / "job" / "final"
     assert isinstance(result.ends_with_eos, bool)
@@ -114,15 +127,32 @@ def test_same_seed_gives_bitwise_identical_losses(tiny_dir, chat_files, tmp_path
 
 def test_auto_hyperparameters_are_resolved(tiny_dir, tmp_path):
     train_file = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in CHATS] * 2)  # 12 examples
-    result = train(spec(tiny_dir, (train_file, None), tmp_path / "job", n_epochs="auto", batch_size="auto",
-                        learning_rate_multiplier="auto"), RecordingHooks())
+    result = train(
+        spec(
+            tiny_dir,
+            (train_file, None),
+            tmp_path / "job",
+            n_epochs="auto",
+            batch_size="auto",
+            learning_rate_multiplier="auto",
+        ),
+        RecordingHooks(),
+    )
 
     hp = result.hyperparameters.as_dict()
     assert hp["n_epochs"] == 8  # 100 // 12: about 100 examples seen (tunelab.data.stats.auto_n_epochs)
     assert hp["batch_size"] == 2  # 12 // 5: at least 5 steps per epoch
     assert hp["learning_rate_multiplier"] == 1.0 and hp["learning_rate"] == 2e-4
     assert hp["method"] == "lora" and hp["lora_rank"] == 16 and hp["lora_alpha"] == 32
-    assert set(hp["lora_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(hp["lora_target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert len(read_csv(result.results_csv)) == 8 * 6
     # no validation file: no valid columns
     assert list(read_csv(result.results_csv)[0]) == ["step", "train_loss", "train_mean_token_accuracy"]
@@ -178,7 +208,9 @@ def test_pause_then_resume_gives_the_run_that_never_paused(tiny_dir, chat_files,
 
 def test_a_paused_state_is_not_resumed_with_other_hyperparameters(tiny_dir, chat_files, tmp_path):
     with pytest.raises(Paused):
-        train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), RecordingHooks(stop_after=2, stop_with=Stop.PAUSE))
+        train(
+            spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3), RecordingHooks(stop_after=2, stop_with=Stop.PAUSE)
+        )
     with pytest.raises(TrainingError, match="cannot resume.*other hyperparameters"):
         train(spec(tiny_dir, chat_files, tmp_path / "job", n_epochs=3, batch_size=1), RecordingHooks())
 
@@ -199,14 +231,33 @@ def test_step_metrics_carry_the_learning_rate_and_throughput(tiny_dir, chat_file
 def test_continuing_a_lora_model_starts_from_its_adapter(tiny_dir, chat_files, tmp_path):
     first = train(spec(tiny_dir, chat_files, tmp_path / "first", lora_rank=4, lora_alpha=8), RecordingHooks())
     # A learning rate too small to move anything: the result is the adapter it started from.
-    more = train(spec(tiny_dir, chat_files, tmp_path / "more", n_epochs=1, learning_rate_multiplier=1e-9,
-                      init_adapter=first.final_dir), RecordingHooks())
+    more = train(
+        spec(
+            tiny_dir,
+            chat_files,
+            tmp_path / "more",
+            n_epochs=1,
+            learning_rate_multiplier=1e-9,
+            init_adapter=first.final_dir,
+        ),
+        RecordingHooks(),
+    )
     assert more.hyperparameters.lora_rank == 4 and more.hyperparameters.lora_alpha == 8  # the adapter's own
     a = load_file(first.final_dir / "adapter_model.safetensors")
     b = load_file(more.final_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    fresh = train(spec(tiny_dir, chat_files, tmp_path / "fresh", n_epochs=1, learning_rate_multiplier=1e-9,
-                       lora_rank=4, lora_alpha=8), RecordingHooks())
+    fresh = train(
+        spec(
+            tiny_dir,
+            chat_files,
+            tmp_path / "fresh",
+            n_epochs=1,
+            learning_rate_multiplier=1e-9,
+            lora_rank=4,
+            lora_alpha=8,
+        ),
+        RecordingHooks(),
+    )
     c = load_file(fresh.final_dir / "adapter_model.safetensors")
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # the check above can fail
 
@@ -223,10 +274,16 @@ def test_a_step_split_into_several_rows_has_the_same_loss(tiny_dir, chat_files, 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
-    [({"n_epochs": 0}, "n_epochs"), ({"batch_size": "big"}, "batch_size"),
-     ({"learning_rate_multiplier": -1.0}, "learning_rate_multiplier"), ({"lora_rank": -2}, "lora_rank"),
-     ({"keep_checkpoints": 0}, "keep_checkpoints"), ({"lora_target_modules": ["no_such_proj"]}, "lora_target_modules"),
-     ({"device": "tpu"}, "device"), ({"cpu_threads": 0}, "cpu_threads")],
+    [
+        ({"n_epochs": 0}, "n_epochs"),
+        ({"batch_size": "big"}, "batch_size"),
+        ({"learning_rate_multiplier": -1.0}, "learning_rate_multiplier"),
+        ({"lora_rank": -2}, "lora_rank"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"lora_target_modules": ["no_such_proj"]}, "lora_target_modules"),
+        ({"device": "tpu"}, "device"),
+        ({"cpu_threads": 0}, "cpu_threads"),
+    ],
 )
 def test_bad_options_are_training_errors_that_name_the_field(tiny_dir, chat_files, tmp_path, overrides, field):
     with pytest.raises(TrainingError, match=field):
@@ -264,7 +321,9 @@ def test_out_of_memory_turns_on_activation_checkpointing_once(tiny_dir, chat_fil
     hooks = RecordingHooks()
     result = train(spec(tiny_dir, chat_files, tmp_path / "job", lora_rank=lora_rank), hooks)
     warnings = [e["message"] for e in hooks.events if e["level"] == "warn" and "memory" in e["message"]]
-    assert warnings == ["Out of memory at step 1: training goes on with activation checkpointing (slower, much less memory)"]
+    assert warnings == [
+        "Out of memory at step 1: training goes on with activation checkpointing (slower, much less memory)"
+    ]
     # recomputing activations gives the same numbers
     for a, b in zip(read_csv(plain.results_csv), read_csv(result.results_csv), strict=True):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)

@@ -40,8 +40,16 @@ def test_explicit_values_are_kept_and_full_fine_tuning_has_its_own_base_lr():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("n_epochs", 0), ("n_epochs", 1.5), ("n_epochs", True), ("batch_size", "max"), ("learning_rate_multiplier", 0),
-     ("lora_rank", -1), ("lora_alpha", 0), ("lora_dropout", 1.0)],
+    [
+        ("n_epochs", 0),
+        ("n_epochs", 1.5),
+        ("n_epochs", True),
+        ("batch_size", "max"),
+        ("learning_rate_multiplier", 0),
+        ("lora_rank", -1),
+        ("lora_alpha", 0),
+        ("lora_dropout", 1.0),
+    ],
 )
 def test_out_of_range_values_name_their_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be"):

@@ -12,7 +12,9 @@ from .conftest import SYSTEM
 
 
 def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    )
 
 
 def test_labels_cover_the_answer_and_its_end_of_turn_token(tokenizer):
@@ -28,7 +30,7 @@ def test_labels_cover_the_answer_and_its_end_of_turn_token(tokenizer):
     # input_ids are exactly what the chat template gives at inference time
     assert example.input_ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     # labels are either ignored or the input token itself (the model shifts them)
-    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels, strict=True))
 
 
 def test_weight_zero_turns_take_no_loss(tokenizer):
@@ -69,8 +71,12 @@ def test_templates_that_rewrite_earlier_turns_are_refused(tokenizer):
     tok = copy.deepcopy(tokenizer)
     # renders the last message differently from the others, so prefixes do not match
     tok.chat_template = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
-    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A!"},
-                {"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2!"}]
+    messages = [
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A!"},
+        {"role": "user", "content": "Q2?"},
+        {"role": "assistant", "content": "A2!"},
+    ]
     with pytest.raises(TemplateError, match="message 1"):
         tokenize_chat(tok, messages)
 

@@ -61,9 +61,22 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = root / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # The job runner (huey consumers, ~2 GB) serves features tunelab does not use.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -105,18 +118,45 @@ class Job:
     started: list[dict]
 
 
-def run_job(uri: str, job_id: str, base_dir: Path, files: tuple[Path, Path | None], out: Path, *,
-            lora_rank: int = 4, retry_seconds: float = 30.0) -> Job:
+def run_job(
+    uri: str,
+    job_id: str,
+    base_dir: Path,
+    files: tuple[Path, Path | None],
+    out: Path,
+    *,
+    lora_rank: int = 4,
+    retry_seconds: float = 30.0,
+) -> Job:
     """What the worker does around ``train``, in the few lines it takes."""
     hooks, started = RecordingHooks(), []
-    tracker = JobTracker(tracking_uri=uri, experiment=EXPERIMENT, job_id=job_id, run_name=f"ft:tiny:{job_id}",
-                         on_warning=lambda m: hooks.event(m, level="warn"), on_started=started.append,
-                         retry_seconds=retry_seconds)
-    tracker.log_params({"base_model": "tiny-llama", "training_file": files[0].name,
-                        "validation_file": files[1].name if files[1] else None, "seed": 7})
+    tracker = JobTracker(
+        tracking_uri=uri,
+        experiment=EXPERIMENT,
+        job_id=job_id,
+        run_name=f"ft:tiny:{job_id}",
+        on_warning=lambda m: hooks.event(m, level="warn"),
+        on_started=started.append,
+        retry_seconds=retry_seconds,
+    )
+    tracker.log_params(
+        {
+            "base_model": "tiny-llama",
+            "training_file": files[0].name,
+            "validation_file": files[1].name if files[1] else None,
+            "seed": 7,
+        }
+    )
     tracker.log_dict({"examples": 5, "path": files[0]}, "validation/training_file.json")
-    spec = TrainSpec(base_model_dir=base_dir, training_file=files[0], validation_file=files[1], output_dir=out,
-                     seed=7, hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=lora_rank), device="cpu")
+    spec = TrainSpec(
+        base_model_dir=base_dir,
+        training_file=files[0],
+        validation_file=files[1],
+        output_dir=out,
+        seed=7,
+        hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=lora_rank),
+        device="cpu",
+    )
     result = train(spec, TrackedHooks(hooks, tracker))
     tracker.log_params({"training_examples": 5, "trained_tokens": result.trained_tokens})
     tracker.log_artifact(result.results_csv)
@@ -164,13 +204,23 @@ def test_params_hold_the_job_the_resolved_hyperparameters_and_dataset_stats(lora
     params = the_run(client, lora_job.job_id).data.params
     targets = params.pop("lora_target_modules")
     assert params == {
-        "base_model": "tiny-llama", "training_file": "train.jsonl", "validation_file": "valid.jsonl", "seed": "7",
-        "n_epochs": "2", "batch_size": "2", "learning_rate_multiplier": "1.0", "learning_rate": "0.0002",
-        "method": "lora", "lora_rank": "4", "lora_alpha": "32", "lora_dropout": "0.0",
-        "total_steps": "6", "training_examples": "5", "trained_tokens": str(lora_job.result.trained_tokens),
+        "base_model": "tiny-llama",
+        "training_file": "train.jsonl",
+        "validation_file": "valid.jsonl",
+        "seed": "7",
+        "n_epochs": "2",
+        "batch_size": "2",
+        "learning_rate_multiplier": "1.0",
+        "learning_rate": "0.0002",
+        "method": "lora",
+        "lora_rank": "4",
+        "lora_alpha": "32",
+        "lora_dropout": "0.0",
+        "total_steps": "6",
+        "training_examples": "5",
+        "trained_tokens": str(lora_job.result.trained_tokens),
     }
-    assert set(targets.split(",")) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(targets.split(",")) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 @pytest.mark.slow
@@ -246,18 +296,31 @@ def test_full_fine_tune_registers_the_whole_model(mlflow_server: str, tiny_dir: 
 def test_a_resumed_job_goes_on_in_its_run(mlflow_server: str, tiny_dir: Path, job_files, tmp_path, client):
     from tunelab.training.recipe import Paused
 
-    spec = TrainSpec(base_model_dir=tiny_dir, training_file=job_files[0], validation_file=None,
-                     output_dir=tmp_path / "job", seed=7, hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=4),
-                     device="cpu")
-    first = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
-                       on_warning=print)
+    spec = TrainSpec(
+        base_model_dir=tiny_dir,
+        training_file=job_files[0],
+        validation_file=None,
+        output_dir=tmp_path / "job",
+        seed=7,
+        hyperparameters=JobSpec(n_epochs=2, batch_size=2, lora_rank=4),
+        device="cpu",
+    )
+    first = JobTracker(
+        tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused", on_warning=print
+    )
     with pytest.raises(Paused):
         train(spec, TrackedHooks(RecordingHooks(stop_after=2, stop_with=Stop.PAUSE), first))
     first.finish(JobStatus.PAUSED)
     assert the_run(client, "ftjob-paused").info.status == "SCHEDULED"
 
-    second = JobTracker(tracking_uri=mlflow_server, experiment=EXPERIMENT, job_id="ftjob-paused", run_name="paused",
-                        on_warning=print, run_id=first.run_id)
+    second = JobTracker(
+        tracking_uri=mlflow_server,
+        experiment=EXPERIMENT,
+        job_id="ftjob-paused",
+        run_name="paused",
+        on_warning=print,
+        run_id=first.run_id,
+    )
     train(spec, TrackedHooks(RecordingHooks(), second))
     second.finish(JobStatus.SUCCEEDED)
     run = the_run(client, "ftjob-paused")  # still exactly one run
@@ -269,8 +332,9 @@ def test_a_resumed_job_goes_on_in_its_run(mlflow_server: str, tiny_dir: Path, jo
 # -- MLflow away: training never notices -----------------------------------------------------------------
 @pytest.mark.slow
 def test_unreachable_server_job_succeeds_with_one_warning(tiny_dir: Path, job_files, tmp_path):
-    job = run_job(f"http://127.0.0.1:{free_port()}", "ftjob-offline", tiny_dir, job_files, tmp_path / "job",
-                  retry_seconds=2)
+    job = run_job(
+        f"http://127.0.0.1:{free_port()}", "ftjob-offline", tiny_dir, job_files, tmp_path / "job", retry_seconds=2
+    )
     assert job.result.final_dir.is_dir() and job.version is None
     warnings = [e["message"] for e in job.hooks.events if e["level"] == "warn" and "MLflow" in e["message"]]
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "without MLflow" in warnings[0], warnings
@@ -284,10 +348,14 @@ def test_hanging_server_never_blocks_a_step(monkeypatch):
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)  # connections queue in the backlog; nobody ever reads them
         warnings: list[tuple[str, str]] = []
-        tracker = JobTracker(tracking_uri=f"http://127.0.0.1:{hole.getsockname()[1]}", experiment=EXPERIMENT,
-                             job_id="ftjob-hang", run_name="hang",
-                             on_warning=lambda m: warnings.append((m, threading.current_thread().name)),
-                             retry_seconds=1)
+        tracker = JobTracker(
+            tracking_uri=f"http://127.0.0.1:{hole.getsockname()[1]}",
+            experiment=EXPERIMENT,
+            job_id="ftjob-hang",
+            run_name="hang",
+            on_warning=lambda m: warnings.append((m, threading.current_thread().name)),
+            retry_seconds=1,
+        )
         start = time.monotonic()
         for step in range(1, 201):
             tracker.log_metrics(step, {"train_loss": 1.0 / step, "step": step})
@@ -295,7 +363,8 @@ def test_hanging_server_never_blocks_a_step(monkeypatch):
         assert time.monotonic() - start < 1.0  # each call would otherwise wait out a 3 s request timeout
         assert tracker.finish(JobStatus.SUCCEEDED, timeout=1) is None
     assert [w for w, _ in warnings] == [
-        "MLflow logging did not finish within 1 s; the job goes on without waiting for it."]
+        "MLflow logging did not finish within 1 s; the job goes on without waiting for it."
+    ]
     assert {thread for _, thread in warnings} == {threading.current_thread().name}  # delivered on the caller's thread
 
 
@@ -310,8 +379,9 @@ def test_default_store_is_sqlite_in_the_data_dir_and_refusals_warn_once(tmp_path
     uri = tracking_uri(Settings(data_dir=tmp_path))
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     warnings: list[str] = []
-    tracker = JobTracker(tracking_uri=uri, experiment=EXPERIMENT, job_id="ftjob-local", run_name="local",
-                         on_warning=warnings.append)
+    tracker = JobTracker(
+        tracking_uri=uri, experiment=EXPERIMENT, job_id="ftjob-local", run_name="local", on_warning=warnings.append
+    )
     tracker.log_params({"seed": 1})
     for step in (1, 2):
         tracker.log_params({"seed": 2})  # MLflow refuses to change a param: reported once, not per call
@@ -342,8 +412,13 @@ def test_registered_model_name():
 
 def test_unknown_tracking_uri_scheme_warns_once():
     warnings: list[str] = []
-    tracker = JobTracker(tracking_uri="nosuch://host", experiment=EXPERIMENT, job_id="ftjob-bad", run_name="bad",
-                         on_warning=warnings.append)
+    tracker = JobTracker(
+        tracking_uri="nosuch://host",
+        experiment=EXPERIMENT,
+        job_id="ftjob-bad",
+        run_name="bad",
+        on_warning=warnings.append,
+    )
     tracker.log_metrics(1, {"train_loss": 1.0})
     assert tracker.finish(JobStatus.SUCCEEDED, timeout=60) is None
     assert len(warnings) == 1 and warnings[0].startswith("MLflow: cannot use tracking URI nosuch://host"), warnings

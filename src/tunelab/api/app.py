@@ -12,6 +12,7 @@ from tunelab.api import chat, deployments, errors, files, fine_tuning, models
 from tunelab.api.deps import AppState, require_key
 from tunelab.config import Settings
 from tunelab.models.catalog import ensure_bundled
+from tunelab.serving.chat import ChatService
 from tunelab.serving.deployer import Deployer
 from tunelab.serving.engine import Engine
 from tunelab.serving.ratelimit import RateLimiter
@@ -37,10 +38,15 @@ def create_app(settings: Settings) -> FastAPI:
     ensure_bundled(store)
     api_key, _ = resolve_api_key(settings, store)
     engine = Engine(settings.device, max_batch=settings.max_batch)
+    deployer = Deployer(store, engine, settings.cache_path)
+    chat_service = ChatService(store, deployer, RateLimiter() if settings.rate_limits else None)
     state = AppState(
-        settings=settings, store=store, blobs=BlobStore(settings.blob_path),
-        deployer=Deployer(store, engine, settings.cache_path), api_key=api_key,
-        limiter=RateLimiter() if settings.rate_limits else None,
+        settings=settings,
+        store=store,
+        blobs=BlobStore(settings.blob_path),
+        deployer=deployer,
+        chat=chat_service,
+        api_key=api_key,
     )
 
     app = FastAPI(title="tunelab", version=__version__)

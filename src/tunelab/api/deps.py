@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 
 from tunelab.api.errors import Unauthorized
 from tunelab.config import Settings
+from tunelab.serving.chat import ChatService
 from tunelab.serving.deployer import Deployer
-from tunelab.serving.ratelimit import RateLimiter
 from tunelab.store import Store
 from tunelab.store.blobs import BlobStore
 
@@ -22,8 +22,8 @@ class AppState:
     store: Store
     blobs: BlobStore
     deployer: Deployer
+    chat: ChatService
     api_key: str
-    limiter: RateLimiter | None = None  # None: rate limits are off
 
 
 def get_state(request: Request) -> AppState:
@@ -40,8 +40,6 @@ def require_key(request: Request, state: State) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
     if not given:
-        raise Unauthorized(
-            "Missing API key: send it as 'Authorization: Bearer <key>' or 'api-key: <key>'."
-        )
+        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>' or 'api-key: <key>'.")
     if not secrets.compare_digest(given.encode(), state.api_key.encode()):
         raise Unauthorized("Incorrect API key provided.")

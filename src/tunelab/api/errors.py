@@ -1,17 +1,26 @@
 """One error shape, one place: ``{"error": {"message", "type", "param", "code"}}``.
 
-Services raise these; the handlers below turn them (and FastAPI's own validation errors, and
-anything unexpected) into OpenAI-shaped bodies. No traceback ever reaches a client.
+Routes raise the ``APIError`` tree below; the layers under the API raise their own domain errors,
+which ``DOMAIN_ERRORS`` maps to it. The handlers turn both (and FastAPI's own validation errors,
+and anything unexpected) into OpenAI-shaped bodies. No traceback ever reaches a client.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunelab.models.catalog import ModelNotFound
+from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
+from tunelab.serving.engine import PromptTooLong
+from tunelab.serving.ratelimit import RateLimitExceeded
 
 log = logging.getLogger("tunelab.api")
 
@@ -70,6 +79,38 @@ class PayloadTooLarge(APIError):
     code = "file_too_large"
 
 
+def _rate_limited(e: RateLimitExceeded) -> RateLimited:
+    d = e.decision
+    headers = d.headers()
+    return RateLimited(
+        f"Requests to deployment '{e.deployment}' have exceeded its {e.limit} rate limit ({d.limit_requests} requests, "
+        f"{d.limit_tokens} tokens per minute at capacity {e.capacity}). Please retry after "
+        f"{math.ceil(d.retry_after)} seconds.",
+        limit=e.limit,
+        headers=headers,
+    )
+
+
+# Domain error -> the API error a client gets. The message and param come from where the error
+# surfaces (a deployment name is the chat request's model).
+DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
+    DeploymentNotFound: lambda e: NotFound(
+        f"The API deployment for this resource does not exist: '{e.name}'. Create it with the deployments API.",
+        param="model",
+        code="DeploymentNotFound",
+    ),
+    DeploymentFailed: lambda e: APIError(str(e), code="DeploymentFailed"),
+    NotDeployable: lambda e: InvalidRequest(
+        f"Model '{e.model}' does not exist; use a base model, a fine-tuned model or a checkpoint id.",
+        param="properties.model.name",
+        code="DeploymentModelNotSupported",
+    ),
+    ModelNotFound: lambda e: NotFound(f"The model '{e}' does not exist", param="model", code="model_not_found"),
+    PromptTooLong: lambda e: InvalidRequest(str(e), param="messages", code="context_length_exceeded"),
+    RateLimitExceeded: _rate_limited,
+}
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -84,6 +125,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _respond(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    for domain, to_api in DOMAIN_ERRORS.items():
+
+        async def _domain(_: Request, exc: Exception, to_api: Callable[[Any], APIError] = to_api) -> JSONResponse:
+            e = to_api(exc)
+            return _respond(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+        app.add_exception_handler(domain, _domain)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

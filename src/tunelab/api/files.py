@@ -51,8 +51,13 @@ async def create_file(
     except TooLarge:
         raise PayloadTooLarge(f"File is larger than the {limit}-byte limit.", param="file") from None
     row = FileRow(
-        id=file_id, created_at=now(), filename=file.filename or "upload", purpose=purpose, bytes=size,
-        status="processed" if purpose != "fine-tune" else "uploaded", blob=file_id,
+        id=file_id,
+        created_at=now(),
+        filename=file.filename or "upload",
+        purpose=purpose,
+        bytes=size,
+        status="processed" if purpose != "fine-tune" else "uploaded",
+        blob=file_id,
     )
     if purpose == "fine-tune":
         report = await run_in_threadpool(_validate, state, file_id)

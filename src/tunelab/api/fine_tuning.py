@@ -55,26 +55,41 @@ def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
     if start is None or start.kind not in ("base", "fine-tuned", "checkpoint"):
         known = ", ".join(m.id for m in state.store.models(kind="base"))
         raise InvalidRequest(
-            f"Model {body.model} cannot be fine-tuned: give a base model ({known}), a fine-tuned model or a checkpoint.",
-            param="model", code="model_not_available",
+            f"Model {body.model} cannot be fine-tuned: give a base model ({known}), a fine-tuned model or a "
+            "checkpoint.",
+            param="model",
+            code="model_not_available",
         )
     spec = body.to_spec()
     if start.kind != "base":
         spec = _going_on_from(start, spec)
     if body.integrations:
-        raise InvalidRequest("Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations")
+        raise InvalidRequest(
+            "Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations"
+        )
     files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
     if body.validation_file:
         files["validation_file"] = _fine_tune_file(state, body.validation_file, "validation_file")
 
     job = JobRow(
-        id=new_id("ftjob"), created_at=now(), model=body.model, training_file=body.training_file,
-        validation_file=body.validation_file, seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-        suffix=body.suffix, user_metadata=body.metadata, method={"type": "supervised"},
-        hyperparameters=spec.to_json(), result_files=[],
+        id=new_id("ftjob"),
+        created_at=now(),
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        method={"type": "supervised"},
+        hyperparameters=spec.to_json(),
+        result_files=[],
     )
-    lifecycle.create(state.store, job, f"Validating training file: {body.training_file}" + (
-        f" and validation file: {body.validation_file}" if body.validation_file else ""))
+    lifecycle.create(
+        state.store,
+        job,
+        f"Validating training file: {body.training_file}"
+        + (f" and validation file: {body.validation_file}" if body.validation_file else ""),
+    )
     _finish_validation(state, job, files)
     return _job(state, job.id)
 
@@ -83,16 +98,22 @@ def _going_on_from(model: ModelRow, spec: JobSpec) -> JobSpec:
     """A fine-tuned model is trained further by its own method: its LoRA adapter, or all its weights."""
     if model.method == "full":
         if spec.lora_rank:
-            raise InvalidRequest(f"Model {model.id} was fully fine-tuned; it can only be fine-tuned further in full "
-                                 "(leave lora_rank unset or 0).", param="lora_rank")
+            raise InvalidRequest(
+                f"Model {model.id} was fully fine-tuned; it can only be fine-tuned further in full "
+                "(leave lora_rank unset or 0).",
+                param="lora_rank",
+            )
         return replace(spec, lora_rank=0)
     assert model.path is not None  # fine-tuned models always have their folder
     own = LoraSettings.of_adapter(Path(model.path))
     for key, value in (("lora_rank", own.rank), ("lora_alpha", own.alpha), ("lora_dropout", own.dropout)):
         asked = getattr(spec, key)
         if asked is not None and asked != value:
-            raise InvalidRequest(f"Model {model.id} is a LoRA adapter with {key} {value}; fine-tuning it further "
-                                 f"trains that adapter (leave {key} unset).", param=key)
+            raise InvalidRequest(
+                f"Model {model.id} is a LoRA adapter with {key} {value}; fine-tuning it further "
+                f"trains that adapter (leave {key} unset).",
+                param=key,
+            )
     return spec.with_lora(own)
 
 
@@ -105,7 +126,10 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
         if f.status != "processed":
             message = f"The {what} file {f.id} has errors: {f.status_details or 'it was not processed'}"
         elif fmt not in SUPERVISED_FORMATS:
-            message = f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or prompt/completion examples."
+            message = (
+                f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or "
+                "prompt/completion examples."
+            )
         if message:
             error = {"code": f"invalid_{param}", "message": message, "param": param}
             lifecycle.fail(state.store, job.id, error, now(), validating=True)
@@ -129,7 +153,9 @@ def cancel_job(state: State, job_id: str) -> FineTuningJob:
     job = get_job(state, job_id)
     # The worker polls the status and stops within a step; the conditional update loses no race.
     if not lifecycle.cancel(state.store, job_id, now()):
-        raise InvalidRequest(f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id")
+        raise InvalidRequest(
+            f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
+        )
     return _job(state, job_id)
 
 
@@ -138,8 +164,9 @@ def pause_job(state: State, job_id: str) -> FineTuningJob:
     """A queued job is paused at once; a running one is ``pausing`` until its worker has saved its state."""
     job = get_job(state, job_id)
     if not lifecycle.pause(state.store, job_id):
-        raise InvalidRequest(f"Job {job_id} is {job.status}; only a queued or running job can be paused.",
-                             param="fine_tuning_job_id")
+        raise InvalidRequest(
+            f"Job {job_id} is {job.status}; only a queued or running job can be paused.", param="fine_tuning_job_id"
+        )
     return _job(state, job_id)
 
 
@@ -149,8 +176,9 @@ def resume_job(state: State, job_id: str) -> FineTuningJob:
     job = get_job(state, job_id)
     if not lifecycle.resume(state.store, job_id):
         hint = " (it is still saving its state; try again in a moment)" if job.status is JobStatus.PAUSING else ""
-        raise InvalidRequest(f"Job {job_id} is {job.status}; only a paused job can be resumed{hint}.",
-                             param="fine_tuning_job_id")
+        raise InvalidRequest(
+            f"Job {job_id} is {job.status}; only a paused job can be resumed{hint}.", param="fine_tuning_job_id"
+        )
     return _job(state, job_id)
 
 

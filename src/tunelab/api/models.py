@@ -40,7 +40,9 @@ def delete_model(state: State, model_id: str) -> ModelDeleted:
         raise InvalidRequest("Base models cannot be deleted through the API.", param="model")
     users = [d.name for d in state.store.deployments() if d.model == model_id]
     if users:
-        raise Conflict(f"Model {model_id} is deployed as {', '.join(users)}; delete the deployment first.", param="model")
+        raise Conflict(
+            f"Model {model_id} is deployed as {', '.join(users)}; delete the deployment first.", param="model"
+        )
     job = state.store.active_job_from(model_id)
     if job:
         raise Conflict(f"Model {model_id} is being fine-tuned further by job {job}; cancel it first.", param="model")

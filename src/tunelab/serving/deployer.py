@@ -10,50 +10,68 @@ import logging
 import threading
 from pathlib import Path
 
-from tunelab.models.catalog import ModelNotFound, model_source
+from tunelab.models.catalog import model_source
 from tunelab.serving.engine import Engine
 from tunelab.store import Store
 from tunelab.store.db import now
-from tunelab.store.tables import DeploymentRow, ModelRow
+from tunelab.store.tables import DeploymentRow, DeploymentState, ModelRow
 
 log = logging.getLogger("tunelab.deployments")
 
 
 class DeploymentNotFound(LookupError):
-    pass
+    """No deployment (and, for chat, no model) of that name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 class DeploymentFailed(RuntimeError):
-    pass
+    """The deployment exists but its model failed to load; the message says why."""
+
+
+class NotDeployable(LookupError):
+    """A deployment names a model that does not exist."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
 
 
 class Deployer:
     def __init__(self, store: Store, engine: Engine, cache_dir: Path) -> None:
         self.store, self.engine, self.cache_dir = store, engine, cache_dir
 
-    def create(self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict) -> tuple[DeploymentRow, bool]:
+    def create(
+        self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict
+    ) -> tuple[DeploymentRow, bool]:
         """Create or replace deployment ``name``; returns (row, created).
 
         Raises:
-            ModelNotFound: ``model`` is no known model id.
+            NotDeployable: ``model`` is no known model id.
         """
         if self.store.get(ModelRow, model) is None:
-            raise ModelNotFound(model)
+            raise NotDeployable(model)
         old = self.store.get(DeploymentRow, name)
         if old is not None and old.model != model:
             self._release(old.model, keep=name)
         row = DeploymentRow(
-            name=name, scope=scope, created_at=old.created_at if old else now(), model=model,
-            model_format=fmt, model_version=version, sku=sku, state="Creating",
+            name=name,
+            scope=scope,
+            created_at=old.created_at if old else now(),
+            model=model,
+            model_format=fmt,
+            model_version=version,
+            sku=sku,
+            state=DeploymentState.CREATING,
         )
         self.store.put(row)
         threading.Thread(target=self._load, args=(name, model), daemon=True).start()
         return row, old is None
 
     def delete(self, name: str) -> DeploymentRow:
-        row = self.store.get(DeploymentRow, name)
-        if row is None:
-            raise DeploymentNotFound(name)
+        row = self.get(name)
         self.store.delete(DeploymentRow, name)
         self._release(row.model, keep=None)
         return row
@@ -69,7 +87,7 @@ class Deployer:
         """
         row = self.store.get(DeploymentRow, name)
         if row is not None:
-            if row.state == "Failed":
+            if row.state is DeploymentState.FAILED:
                 raise DeploymentFailed(row.error or "the deployment failed")
             model = row.model
         elif self.store.get(ModelRow, name) is not None:
@@ -79,14 +97,20 @@ class Deployer:
         self.engine.load(model_source(self.store, model, self.cache_dir))
         return model
 
+    def get(self, name: str) -> DeploymentRow:
+        row = self.store.get(DeploymentRow, name)
+        if row is None:
+            raise DeploymentNotFound(name)
+        return row
+
     def _load(self, name: str, model: str) -> None:
         try:
             self.engine.load(model_source(self.store, model, self.cache_dir))
         except Exception as exc:  # the state carries the reason to the client
             log.exception("deployment %s failed", name)
-            self.store.set_deployment_state(name, "Failed", f"could not load {model}: {exc}")
+            self.store.set_deployment_state(name, DeploymentState.FAILED, f"could not load {model}: {exc}")
             return
-        self.store.set_deployment_state(name, "Succeeded")
+        self.store.set_deployment_state(name, DeploymentState.SUCCEEDED)
 
     def _release(self, model: str, keep: str | None) -> None:
         """Unload ``model`` unless another deployment still serves it."""

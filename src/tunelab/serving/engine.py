@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,10 +33,13 @@ class SamplingParams:
     n: int = 1
 
 
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
     tokens: int
 
 
@@ -171,10 +175,15 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        loaded = _Loaded(model=model, tokenizer=tokenizer, context=context_length(model_dir) or DEFAULT_CONTEXT,
-                         eos=set(eos_ids(model.generation_config, tokenizer)))
+        loaded = _Loaded(
+            model=model,
+            tokenizer=tokenizer,
+            context=context_length(model_dir) or DEFAULT_CONTEXT,
+            eos=set(eos_ids(model.generation_config, tokenizer)),
+        )
         if self.max_batch > 1:
             loaded.batcher = Batcher(lambda batch: self._run_batch(loaded, batch), self.max_batch, model_dir.name)
         return loaded
@@ -195,8 +204,9 @@ class Engine:
         with loaded.lock:
             if isinstance(loaded.model, PeftModel):
                 kwargs["adapter_names"] = [r.adapter or "__base__" for r in batch]
-            out = loaded.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
-                                        max_new_tokens=longest, **kwargs)
+            out = loaded.model.generate(
+                ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=longest, **kwargs
+            )
         for i, r in enumerate(batch):
             r.future.set_result(self._finish(loaded, out[i, width : width + (r.params.max_tokens or room)], r.params))
 
@@ -237,7 +247,7 @@ class Engine:
             ids = ids[: ended + 1]
         text = tok.decode(ids, skip_special_tokens=True)
         trimmed = _cut_at_stop(text, params.stop)
-        finish = "stop" if ended is not None or trimmed != text else "length"
+        finish: FinishReason = "stop" if ended is not None or trimmed != text else "length"
         return Completion(text=trimmed, finish_reason=finish, tokens=len(ids))
 
 
@@ -255,25 +265,19 @@ def _add_adapter(model: Any, adapter_dir: Path, name: str) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name).eval()
 
 
-class _selected:
-    """Context manager: route a PeftModel through ``adapter`` (None = the bare base)."""
+@contextmanager
+def _selected(model: Any, adapter: str | None) -> Iterator[None]:
+    """Route a PeftModel through ``adapter`` (None = the bare base) while the block runs."""
+    from peft import PeftModel
 
-    def __init__(self, model: Any, adapter: str | None) -> None:
-        self.model, self.adapter, self.ctx = model, adapter, None
-
-    def __enter__(self) -> None:
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
-            if self.adapter is None:
-                self.ctx = self.model.disable_adapter()
-                self.ctx.__enter__()
-            else:
-                self.model.set_adapter(self.adapter)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    if not isinstance(model, PeftModel):
+        yield
+    elif adapter is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield
 
 
 def _seed(seed: int | None) -> None:

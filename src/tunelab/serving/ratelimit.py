@@ -45,6 +45,16 @@ class Decision:
         return out
 
 
+class RateLimitExceeded(Exception):
+    """A request over its deployment's capacity; ``decision`` says which limit and when to retry."""
+
+    def __init__(self, deployment: str, capacity: int, decision: Decision) -> None:
+        assert decision.exceeded is not None
+        super().__init__(f"deployment {deployment!r} is over its {decision.exceeded} rate limit")
+        self.deployment, self.capacity, self.decision = deployment, capacity, decision
+        self.limit: str = decision.exceeded
+
+
 class RateLimiter:
     def __init__(self) -> None:
         self._limiter = MovingWindowRateLimiter(MemoryStorage())

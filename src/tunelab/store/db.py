@@ -11,17 +11,18 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from filelock import FileLock
 from sqlalchemy import create_engine, event, inspect, or_, select, text, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunelab.store.lifecycle import ACTIVE, HELD, JobStatus
-from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow, SettingRow
+from tunelab.store.tables import DeploymentRow, DeploymentState, EventRow, FileRow, JobRow, ModelRow, SettingRow
 
 Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow)
+Listed = TypeVar("Listed", FileRow, JobRow)  # rows paged by (created_at, id)
 
 
 def new_id(prefix: str) -> str:
@@ -32,7 +33,9 @@ def now() -> int:
     return int(time.time())
 
 
-def _event(job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> EventRow:
+def _event(
+    job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None
+) -> EventRow:
     return EventRow(
         id=new_id("ftevent"), job_id=job_id, created_at=now(), level=level, message=message, type=type, data=data
     )
@@ -117,13 +120,13 @@ class Store:
 
     def page(
         self,
-        cls: type[Row],
+        cls: type[Listed],
         *,
         after: str | None,
         limit: int,
         newest_first: bool = True,
         where: Sequence[Any] = (),
-    ) -> tuple[list[Row], bool]:
+    ) -> tuple[list[Listed], bool]:
         """One page of rows ordered by (created_at, id), after the row with id ``after``."""
         with self.session() as s:
             q = select(cls).where(*where)
@@ -176,7 +179,8 @@ class Store:
             q = update(JobRow).where(JobRow.id == job_id)
             if only_if_status is not None:
                 q = q.where(JobRow.status.in_(only_if_status))
-            if s.execute(q.values(**values)).rowcount != 1:
+            result = cast(CursorResult[Any], s.execute(q.values(**values)))
+            if result.rowcount != 1:
                 return False
             if event is not None:
                 s.add(_event(job_id, event, level=event_level))
@@ -255,6 +259,6 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at)))
 
-    def set_deployment_state(self, name: str, state: str, error: str | None = None) -> None:
+    def set_deployment_state(self, name: str, state: DeploymentState, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(DeploymentRow).where(DeploymentRow.name == name).values(state=state, error=error))

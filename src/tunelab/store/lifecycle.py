@@ -62,7 +62,9 @@ def create(store: Store, job: JobRow, message: str) -> JobRow:
 def files_validated(store: Store, job_id: str) -> bool:
     """validating_files → queued."""
     return store.update_job(
-        job_id, only_if_status=[JobStatus.VALIDATING_FILES], status=JobStatus.QUEUED,
+        job_id,
+        only_if_status=[JobStatus.VALIDATING_FILES],
+        status=JobStatus.QUEUED,
         event="Files validated, moving job to queued state",
     )
 
@@ -77,7 +79,9 @@ def pause(store: Store, job_id: str) -> bool:
     return store.update_job(
         job_id, only_if_status=[JobStatus.QUEUED], status=JobStatus.PAUSED, event="Job paused"
     ) or store.update_job(
-        job_id, only_if_status=[JobStatus.RUNNING], status=JobStatus.PAUSING,
+        job_id,
+        only_if_status=[JobStatus.RUNNING],
+        status=JobStatus.PAUSING,
         event="Pausing the job: training stops after the current step",
     )
 
@@ -85,7 +89,10 @@ def pause(store: Store, job_id: str) -> bool:
 def paused(store: Store, job_id: str, step: int) -> bool:
     """pausing → paused: the worker has saved the state after ``step`` and lets the job go."""
     return store.update_job(
-        job_id, only_if_status=[JobStatus.PAUSING], status=JobStatus.PAUSED, worker_id=None,
+        job_id,
+        only_if_status=[JobStatus.PAUSING],
+        status=JobStatus.PAUSED,
+        worker_id=None,
         event=f"Job paused after step {step}; resume it to go on from there",
     )
 
@@ -93,7 +100,10 @@ def paused(store: Store, job_id: str, step: int) -> bool:
 def resume(store: Store, job_id: str) -> bool:
     """paused → queued: the worker that claims it goes on from where it stopped."""
     return store.update_job(
-        job_id, only_if_status=[JobStatus.PAUSED], status=JobStatus.QUEUED, worker_id=None,
+        job_id,
+        only_if_status=[JobStatus.PAUSED],
+        status=JobStatus.QUEUED,
+        worker_id=None,
         event="Job resumed, moving job to queued state",
     )
 
@@ -111,11 +121,19 @@ def requeue(store: Store, job_id: str, reason: str) -> bool:
     The next worker goes on from the state the stopping worker saved, if it saved one.
     """
     return store.update_job(
-        job_id, only_if_status=[JobStatus.RUNNING], status=JobStatus.QUEUED, worker_id=None,
-        event=f"{reason}; the job is queued again", event_level="warn",
+        job_id,
+        only_if_status=[JobStatus.RUNNING],
+        status=JobStatus.QUEUED,
+        worker_id=None,
+        event=f"{reason}; the job is queued again",
+        event_level="warn",
     ) or store.update_job(
-        job_id, only_if_status=[JobStatus.PAUSING], status=JobStatus.PAUSED, worker_id=None,
-        event=f"{reason}; the job is paused", event_level="warn",
+        job_id,
+        only_if_status=[JobStatus.PAUSING],
+        status=JobStatus.PAUSED,
+        worker_id=None,
+        event=f"{reason}; the job is paused",
+        event_level="warn",
     )
 
 
@@ -123,14 +141,23 @@ def fail(store: Store, job_id: str, error: dict[str, Any], now: int, *, validati
     """A held job (or, with ``validating``, one whose files are bad) → failed with ``error``."""
     states = [JobStatus.VALIDATING_FILES] if validating else HELD
     return store.update_job(
-        job_id, only_if_status=states, status=JobStatus.FAILED, error=error, finished_at=now,
-        event=error["message"] if validating else f"Fine-tuning job failed: {error['message']}", event_level="error",
+        job_id,
+        only_if_status=states,
+        status=JobStatus.FAILED,
+        error=error,
+        finished_at=now,
+        event=error["message"] if validating else f"Fine-tuning job failed: {error['message']}",
+        event_level="error",
     )
 
 
 def succeed(store: Store, job_id: str, now: int, **outputs: Any) -> bool:
     """A held job → succeeded, with its outputs (``fine_tuned_model``, ``result_files``, ...)."""
     return store.update_job(
-        job_id, only_if_status=HELD, status=JobStatus.SUCCEEDED, finished_at=now,
-        event="The job has successfully completed", **outputs,
+        job_id,
+        only_if_status=HELD,
+        status=JobStatus.SUCCEEDED,
+        finished_at=now,
+        event="The job has successfully completed",
+        **outputs,
     )

@@ -5,6 +5,7 @@ A change here needs a migration in migrations/versions/ (tests/store/test_migrat
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
@@ -87,6 +88,14 @@ class ModelRow(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
 
 
+class DeploymentState(enum.StrEnum):
+    """Azure's ``provisioningState`` of a deployment."""
+
+    CREATING = "Creating"  # the model is loading
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
 class DeploymentRow(Base):
     __tablename__ = "deployments"
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -96,7 +105,9 @@ class DeploymentRow(Base):
     model_format: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     sku: Mapped[dict[str, Any]] = mapped_column()
-    state: Mapped[str] = mapped_column(String(16))  # Creating | Succeeded | Failed
+    state: Mapped[DeploymentState] = mapped_column(
+        Enum(DeploymentState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
@@ -104,5 +115,3 @@ class SettingRow(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
-
-

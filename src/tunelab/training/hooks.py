@@ -48,7 +48,9 @@ class StepMetrics:
 
     def results_row(self) -> dict[str, Any]:
         """The OpenAI ``results.csv`` columns and checkpoint metrics: no learning rate or throughput."""
-        return {k: v for k, v in self.as_dict().items() if k not in ("total_steps", "learning_rate", "tokens_per_second")}
+        return {
+            k: v for k, v in self.as_dict().items() if k not in ("total_steps", "learning_rate", "tokens_per_second")
+        }
 
     def message(self) -> str:
         """The job event that reports the step, e.g. ``Step 3/10: training loss=1.2345``."""

@@ -97,8 +97,11 @@ class Hyperparameters:
         """A spec that resolves to these values again (what a resumed job runs with)."""
         lora = self.method == "lora"
         return JobSpec(
-            n_epochs=self.n_epochs, batch_size=self.batch_size, learning_rate_multiplier=self.learning_rate_multiplier,
-            lora_rank=self.lora_rank if lora else 0, lora_alpha=self.lora_alpha if lora else None,
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate_multiplier=self.learning_rate_multiplier,
+            lora_rank=self.lora_rank if lora else 0,
+            lora_alpha=self.lora_alpha if lora else None,
             lora_dropout=self.lora_dropout if lora else None,
         )
 
@@ -116,13 +119,25 @@ def resolve(spec: JobSpec, *, n_examples: int, mean_tokens: float) -> Hyperparam
     lora_rank = DEFAULT_LORA.rank if spec.lora_rank is None else spec.lora_rank
     lora_alpha = DEFAULT_LORA.alpha if spec.lora_alpha is None else spec.lora_alpha
     lora_dropout = DEFAULT_LORA.dropout if spec.lora_dropout is None else spec.lora_dropout
-    _check(spec.n_epochs == AUTO or (_is_int(spec.n_epochs) and spec.n_epochs >= 1),
-           "n_epochs", spec.n_epochs, "an integer >= 1 or 'auto'")
-    _check(spec.batch_size == AUTO or (_is_int(spec.batch_size) and spec.batch_size >= 1),
-           "batch_size", spec.batch_size, "an integer >= 1 or 'auto'")
+    _check(
+        spec.n_epochs == AUTO or (_is_int(spec.n_epochs) and spec.n_epochs >= 1),
+        "n_epochs",
+        spec.n_epochs,
+        "an integer >= 1 or 'auto'",
+    )
+    _check(
+        spec.batch_size == AUTO or (_is_int(spec.batch_size) and spec.batch_size >= 1),
+        "batch_size",
+        spec.batch_size,
+        "an integer >= 1 or 'auto'",
+    )
     multiplier = spec.learning_rate_multiplier
-    _check(multiplier == AUTO or (_is_number(multiplier) and multiplier > 0),
-           "learning_rate_multiplier", multiplier, "a number > 0 or 'auto'")
+    _check(
+        multiplier == AUTO or (_is_number(multiplier) and multiplier > 0),
+        "learning_rate_multiplier",
+        multiplier,
+        "a number > 0 or 'auto'",
+    )
     _check(_is_int(lora_rank) and lora_rank >= 0, "lora_rank", lora_rank, "an integer >= 0 (0 = full fine-tuning)")
     _check(_is_int(lora_alpha) and lora_alpha > 0, "lora_alpha", lora_alpha, "an integer > 0")
     _check(_is_number(lora_dropout) and 0 <= lora_dropout < 1, "lora_dropout", lora_dropout, "a number in [0, 1)")

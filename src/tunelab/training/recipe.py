@@ -51,6 +51,9 @@ from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, token_losses
 from tunelab.training.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
 
+Model = Any
+"""A transformers causal LM, or PEFT's wrapper of one (both too dynamic for a useful static type)."""
+
 # Recipe constants (everything a job can change is in TrainSpec).
 MAX_ROW_TOKENS = 2048  # tokens per packed forward pass; a step with more is split into several rows
 WARMUP_FRACTION = 0.03  # of all steps, linear warmup, then linear decay to 0
@@ -210,8 +213,13 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     with autocast:
                         validation = _validate(model, valid_set, valid_sample, device, end_of_epoch, sample_due)
                 metrics = StepMetrics(
-                    step=step, total_steps=total_steps, train_loss=loss, train_mean_token_accuracy=accuracy,
-                    learning_rate=learning_rate, tokens_per_second=sum(map(len, batch)) / seconds, **validation,
+                    step=step,
+                    total_steps=total_steps,
+                    train_loss=loss,
+                    train_mean_token_accuracy=accuracy,
+                    learning_rate=learning_rate,
+                    tokens_per_second=sum(map(len, batch)) / seconds,
+                    **validation,
                 )
                 results.writerow(metrics.results_row())
                 f.flush()
@@ -219,8 +227,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
                 # -- save: a deployable checkpoint per epoch, the last keep_checkpoints kept ---
                 if end_of_epoch:
-                    ckpt = Checkpoint(step, step // steps_per_epoch, spec.output_dir / "checkpoints" / f"step-{step}",
-                                      _floats(metrics.results_row()))
+                    ckpt = Checkpoint(
+                        step,
+                        step // steps_per_epoch,
+                        spec.output_dir / "checkpoints" / f"step-{step}",
+                        _floats(metrics.results_row()),
+                    )
                     _save(model, tokenizer, ckpt.path, meta)
                     _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
 
@@ -234,7 +246,9 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     del model, optimizer
     _release_memory(device)
     resume.remove(spec.output_dir)
-    hooks.event(f"Training finished: {loop.trained_tokens} trained tokens", data={"trained_tokens": loop.trained_tokens})
+    hooks.event(
+        f"Training finished: {loop.trained_tokens} trained tokens", data={"trained_tokens": loop.trained_tokens}
+    )
     return TrainResult(
         trained_tokens=loop.trained_tokens,
         hyperparameters=hp,
@@ -294,7 +308,9 @@ def _load_examples(
             continue
         examples.append(tokenized)
     if truncated:
-        hooks.event(f"{truncated} {kind} examples were longer than {max_length} tokens and were truncated", level="warn")
+        hooks.event(
+            f"{truncated} {kind} examples were longer than {max_length} tokens and were truncated", level="warn"
+        )
     if empty:
         hooks.event(f"{empty} {kind} examples have no assistant tokens to train on and were skipped", level="warn")
     if not examples:
@@ -309,7 +325,7 @@ def _read_chats(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
         raise TrainingError(f"the {kind} file cannot be read: {e}") from None
 
 
-def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparameters) -> torch.nn.Module:
+def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparameters) -> Model:
     """The base model on ``device``, wrapped in LoRA adapters unless full fine-tuning.
 
     On GPU the frozen base of a LoRA run is held in bf16 (PEFT keeps the adapters in fp32); a
@@ -317,7 +333,7 @@ def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparamete
     """
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu and hp.method == "lora" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model_dir, dtype=dtype, attn_implementation="sdpa")
+    model: Model = AutoModelForCausalLM.from_pretrained(spec.base_model_dir, dtype=dtype, attn_implementation="sdpa")
     model.to(device)
     if hp.method == "full":
         model.requires_grad_(True)
@@ -345,13 +361,14 @@ def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparamete
         raise TrainingError(f"lora_target_modules: {e}") from None
 
 
-def _lora_targets(model: torch.nn.Module) -> tuple[str, ...] | None:
+def _lora_targets(model: Model) -> tuple[str, ...] | None:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         return None
     # PEFT resolves "all-linear" to full module paths or to suffixes, depending on model size.
-    names = model.peft_config["default"].target_modules
+    config: Any = model.peft_config["default"]  # a LoraConfig
+    names = config.target_modules
     return tuple(sorted({name.rsplit(".", 1)[-1] for name in names}))
 
 
@@ -393,7 +410,7 @@ def _step_plan(n_examples: int, batch_size: int, n_epochs: int, seed: int) -> li
     return plan
 
 
-def _resume(spec: TrainSpec, model: torch.nn.Module, optimizer, scheduler, resolved: dict) -> resume.LoopState:
+def _resume(spec: TrainSpec, model: Model, optimizer, scheduler, resolved: dict) -> resume.LoopState:
     """The state a pause left in ``spec.output_dir``, loaded into the run; a fresh state if there is none."""
     if not resume.exists(spec.output_dir):
         return resume.LoopState()
@@ -413,9 +430,7 @@ def _read_results(path: Path, upto: int) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
 
 
-def _train_step(
-    model: torch.nn.Module, batch: list[TokenizedExample], device: torch.device
-) -> tuple[float, float, int]:
+def _train_step(model: Model, batch: list[TokenizedExample], device: torch.device) -> tuple[float, float, int]:
     """Forward and backward one optimizer step's examples; returns (mean loss, accuracy, trained tokens)."""
     n_trained = sum(e.n_trained for e in batch)
     loss_sum, correct = 0.0, 0
@@ -428,7 +443,7 @@ def _train_step(
 
 
 def _train_step_within_memory(
-    model: torch.nn.Module, batch: list[TokenizedExample], device: torch.device, autocast, hooks: TrainHooks, step: int
+    model: Model, batch: list[TokenizedExample], device: torch.device, autocast, hooks: TrainHooks, step: int
 ) -> tuple[float, float, int]:
     """``_train_step``; on the first out-of-memory, turn on activation checkpointing and try again.
 
@@ -449,18 +464,20 @@ def _train_step_within_memory(
         base.activation_checkpointing_enable(kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    hooks.event(f"Out of memory at step {step}: training goes on with activation checkpointing "
-                "(slower, much less memory)", level="warn")
+    hooks.event(
+        f"Out of memory at step {step}: training goes on with activation checkpointing (slower, much less memory)",
+        level="warn",
+    )
     with autocast:
         return _train_step(model, batch, device)
 
 
-def _checkpointing(model: torch.nn.Module) -> bool:
+def _checkpointing(model: Model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _validate(
-    model: torch.nn.Module,
+    model: Model,
     valid_set: list[TokenizedExample],
     sample: list[int],
     device: torch.device,
@@ -480,7 +497,7 @@ def _validate(
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, examples: list[TokenizedExample], device: torch.device) -> torch.Tensor:
+def _evaluate(model: Model, examples: list[TokenizedExample], device: torch.device) -> torch.Tensor:
     """Per example: summed loss, correct predictions and count of its trained tokens, shape (N, 3)."""
     model.eval()
     stats = []
@@ -510,7 +527,7 @@ def _to(row: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.T
 
 
 # -- save ------------------------------------------------------------------------------------------
-def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict) -> None:
+def _save(model: Model, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict) -> None:
     """Write a deployable folder: PEFT adapter (LoRA) or full HF model, tokenizer, tunelab.json.
 
     Written next to ``path`` and renamed into place, so a folder that exists is complete.
@@ -537,7 +554,7 @@ def _keep(ckpt: Checkpoint, kept: list[Checkpoint], keep: int, hooks: TrainHooks
 # -- smoke test ------------------------------------------------------------------------------------
 @torch.no_grad()
 def _smoke_test(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spec: TrainSpec, device: torch.device, hooks: TrainHooks
+    model: Model, tokenizer: PreTrainedTokenizerBase, spec: TrainSpec, device: torch.device, hooks: TrainHooks
 ) -> bool | None:
     """Greedy answers to a few prompts (validation file first); did each end with EOS by itself?"""
     source = spec.validation_file or spec.training_file
@@ -554,10 +571,10 @@ def _smoke_test(
     stop_ids = eos_ids(model.generation_config, tokenizer)
     samples = []
     for prompt, tools in prompts[:SMOKE_PROMPTS]:
-        inputs = tokenizer.apply_chat_template(
+        encoded: Any = tokenizer.apply_chat_template(
             prompt, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = {k: v.to(device) for k, v in encoded.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = model.generate(
                 **inputs,

@@ -43,8 +43,11 @@ def save(
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "loop": {"step": loop.step, "trained_tokens": loop.trained_tokens,
-                 "kept": [(c.step, c.epoch, str(c.path), c.metrics) for c in loop.kept]},
+        "loop": {
+            "step": loop.step,
+            "trained_tokens": loop.trained_tokens,
+            "kept": [(c.step, c.epoch, str(c.path), c.metrics) for c in loop.kept],
+        },
         "hyperparameters": hyperparameters,
     }
     path, tmp = folder / FILENAME, folder / (FILENAME + ".tmp")

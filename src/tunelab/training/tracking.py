@@ -47,10 +47,14 @@ RETRY_SECONDS = 120.0  # how long one call may keep failing before MLflow is giv
 MAX_BACKOFF = 15.0
 FINISH_TIMEOUT = 600.0  # finish() waits this long for queued uploads and the registration
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-# The run status of a job that ended; MLflow has no "paused": a paused job's run is SCHEDULED
+# The run status of a job that ended; MLflow has no paused state: a paused job's run is SCHEDULED
 # (it will run again), not terminated.
-RUN_STATUS = {JobStatus.SUCCEEDED: "FINISHED", JobStatus.FAILED: "FAILED", JobStatus.CANCELLED: "KILLED",
-              JobStatus.PAUSED: "SCHEDULED"}
+RUN_STATUS = {
+    JobStatus.SUCCEEDED: "FINISHED",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.CANCELLED: "KILLED",
+    JobStatus.PAUSED: "SCHEDULED",
+}
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -146,7 +150,8 @@ class JobTracker:
         """Log one step's numeric metrics (``step`` and ``total_steps`` keys are not metrics)."""
         ms = int(time.time() * 1000)  # when it happened, not when the queue gets to it
         values = {
-            k: float(v) for k, v in metrics.items()
+            k: float(v)
+            for k, v in metrics.items()
             if k not in ("step", "total_steps") and isinstance(v, int | float) and not isinstance(v, bool)
         }
         self._submit("log metrics", lambda c: c.log_batch(self._run(), metrics=_metrics(values, step, ms)))
@@ -205,11 +210,17 @@ class JobTracker:
 
     def _integration(self, run_id: str) -> dict[str, Any]:
         model = {"name": self.model_name, "version": self.model_version} if self.model_version else None
-        return {"type": "mlflow", "mlflow": {
-            "tracking_uri": _without_password(self.tracking_uri), "experiment": self.experiment,
-            "experiment_id": self.experiment_id, "run_id": run_id, "run_name": self.run_name,
-            "registered_model": model,
-        }}
+        return {
+            "type": "mlflow",
+            "mlflow": {
+                "tracking_uri": _without_password(self.tracking_uri),
+                "experiment": self.experiment,
+                "experiment_id": self.experiment_id,
+                "run_id": run_id,
+                "run_name": self.run_name,
+                "registered_model": model,
+            },
+        }
 
     # -- the queue -------------------------------------------------------------------------------
     def _submit(self, what: str, call: Callable[[MlflowClient], object], *, essential: bool = False) -> None:

@@ -52,9 +52,17 @@ class JobHooks:
     def checkpoint(self, ckpt: Checkpoint) -> None:
         self.store.put(
             ModelRow(
-                id=f"{self.ft_model}:ckpt-step-{ckpt.step}", created_at=now(), kind="checkpoint", owned_by="user",
-                path=str(ckpt.path), base_model=self.base_model, method=method_of(ckpt.path), job_id=self.job.id,
-                step=ckpt.step, checkpoint_id=new_id("ftckpt"), metrics={"step": ckpt.step, **ckpt.metrics},
+                id=f"{self.ft_model}:ckpt-step-{ckpt.step}",
+                created_at=now(),
+                kind="checkpoint",
+                owned_by="user",
+                path=str(ckpt.path),
+                base_model=self.base_model,
+                method=method_of(ckpt.path),
+                job_id=self.job.id,
+                step=ckpt.step,
+                checkpoint_id=new_id("ftckpt"),
+                metrics={"step": ckpt.step, **ckpt.metrics},
             )
         )
 
@@ -157,8 +165,9 @@ class Worker:
         except Paused as stop:
             tracker.finish(JobStatus.PAUSED)
             if not lifecycle.paused(self.store, job.id, stop.step):  # not asked to pause: the worker stops
-                lifecycle.requeue(self.store, job.id,
-                                  f"Training stopped after step {stop.step}: the worker is shutting down")
+                lifecycle.requeue(
+                    self.store, job.id, f"Training stopped after step {stop.step}: the worker is shutting down"
+                )
             return
         except Cancelled:
             hooks.event("Training stopped: the job was cancelled")
@@ -181,12 +190,21 @@ class Worker:
         runs = [i["mlflow"]["run_id"] for i in job.integrations or [] if i.get("type") == "mlflow"]
         tracker = JobTracker(
             run_id=runs[0] if resuming and runs else None,
-            tracking_uri=tracking_uri(self.settings), experiment=self.settings.mlflow_experiment,
-            job_id=job.id, run_name=ft_model, on_warning=lambda m: hooks.event(m, level="warn"),
+            tracking_uri=tracking_uri(self.settings),
+            experiment=self.settings.mlflow_experiment,
+            job_id=job.id,
+            run_name=ft_model,
+            on_warning=lambda m: hooks.event(m, level="warn"),
             on_started=lambda entry: self._show_integration(job.id, entry),
         )
-        tracker.log_params({"base_model": job.model, "training_file": job.training_file,
-                            "validation_file": job.validation_file, "seed": job.seed})
+        tracker.log_params(
+            {
+                "base_model": job.model,
+                "training_file": job.training_file,
+                "validation_file": job.validation_file,
+                "seed": job.seed,
+            }
+        )
         return tracker
 
     def _show_integration(self, job_id: str, entry: dict[str, Any]) -> None:
@@ -214,8 +232,9 @@ class Worker:
         from tunelab.data.validate import validate_file
 
         tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-        report = validate_file(spec.training_file, encodings=(), tokenizer=tokenizer,
-                               max_tokens=context_length(spec.base_model_dir))
+        report = validate_file(
+            spec.training_file, encodings=(), tokenizer=tokenizer, max_tokens=context_length(spec.base_model_dir)
+        )
         for warning in report.warnings:
             hooks.event(f"Training file: {warning.message}", level="warn")
         tracker.log_params({"training_examples": report.examples})
@@ -229,7 +248,7 @@ class Worker:
     ) -> None:
         from tunelab.training.tracking import RegisterSpec, registered_model_name
 
-        # Track before announcing success: a client that sees "succeeded" finds the MLflow version.
+        # Track before announcing success: a client that sees the job succeeded finds the MLflow version.
         tracker.log_params({"trained_tokens": result.trained_tokens})
         tracker.log_artifact(result.results_csv)
         name = registered_model_name(source.base_model, job.suffix, self.settings.mlflow_model_name)
@@ -237,16 +256,39 @@ class Worker:
 
         results_id = new_id("file")
         size = self.blobs.copy_in(results_id, result.results_csv)
-        self.store.add(FileRow(id=results_id, created_at=now(), filename="results.csv", purpose="fine-tune-results",
-                               bytes=size, status="processed", blob=results_id))
-        self.store.add(ModelRow(id=ft_model, created_at=now(), kind="fine-tuned", owned_by="user",
-                                path=str(result.final_dir), base_model=source.base_model,
-                                method=method_of(result.final_dir), job_id=job.id))
+        self.store.add(
+            FileRow(
+                id=results_id,
+                created_at=now(),
+                filename="results.csv",
+                purpose="fine-tune-results",
+                bytes=size,
+                status="processed",
+                blob=results_id,
+            )
+        )
+        self.store.add(
+            ModelRow(
+                id=ft_model,
+                created_at=now(),
+                kind="fine-tuned",
+                owned_by="user",
+                path=str(result.final_dir),
+                base_model=source.base_model,
+                method=method_of(result.final_dir),
+                job_id=job.id,
+            )
+        )
         self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")
         integration = tracker.integration()
         done = lifecycle.succeed(
-            self.store, job.id, now(), fine_tuned_model=ft_model, trained_tokens=result.trained_tokens,
-            result_files=[results_id], resolved_hyperparameters=result.hyperparameters.as_dict(),
+            self.store,
+            job.id,
+            now(),
+            fine_tuned_model=ft_model,
+            trained_tokens=result.trained_tokens,
+            result_files=[results_id],
+            resolved_hyperparameters=result.hyperparameters.as_dict(),
             integrations=[integration] if integration else [],
         )
         if not done:  # cancelled at the last moment: keep the outputs out of the catalogue
