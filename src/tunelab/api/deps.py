@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -33,7 +34,40 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def require_key(request: Request, state: State) -> None:
+class Role(enum.StrEnum):
+    """What a key may do."""
+
+    ADMIN = "admin"  # everything, in every project
+    OWNER = "owner"
+    MEMBER = "member"
+    INFERENCE = "inference"  # chat only
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's project and role. Every route that reads or writes a resource
+    acts for a principal; the console's session resolves to one too."""
+
+    key_id: str
+    project_id: str
+    role: Role
+
+
+DEFAULT_PROJECT = "proj-default"
+
+
+def authenticate(state: AppState, key: str) -> Principal:
+    """The principal of an API key (the one place a key is checked).
+
+    Raises:
+        Unauthorized: no such key.
+    """
+    if not secrets.compare_digest(key.encode(), state.api_key.encode()):
+        raise Unauthorized("Incorrect API key provided.")
+    return Principal(key_id="key-admin", project_id=DEFAULT_PROJECT, role=Role.ADMIN)
+
+
+def require_key(request: Request, state: State) -> Principal:
     """Accept ``api-key: K`` (Azure) or ``Authorization: Bearer K`` (OpenAI, Azure management)."""
     given = request.headers.get("api-key")
     if given is None:
@@ -41,5 +75,7 @@ def require_key(request: Request, state: State) -> None:
         given = token.strip() if scheme.lower() == "bearer" else None
     if not given:
         raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>' or 'api-key: <key>'.")
-    if not secrets.compare_digest(given.encode(), state.api_key.encode()):
-        raise Unauthorized("Incorrect API key provided.")
+    return authenticate(state, given)
+
+
+Caller = Annotated[Principal, Depends(require_key)]
