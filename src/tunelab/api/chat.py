@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tunelab.api.deps import State
+from tunelab.api.deps import Caller, State
 from tunelab.api.errors import InvalidRequest, error_body
 from tunelab.api.protocol import (
     AssistantMessage,
@@ -34,12 +34,14 @@ router = APIRouter(tags=["chat"])
 
 # A ChatCompletion, or with ``stream`` an event stream of ChatCompletionChunks.
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(state: State, body: ChatCompletionRequest) -> Response:
+async def chat_completions(state: State, caller: Caller, body: ChatCompletionRequest) -> Response:
     return await _complete(state, body, body.model)
 
 
 @router.post("/deployments/{deployment:path}/chat/completions", response_model=ChatCompletion)
-async def azure_chat_completions(state: State, deployment: str, body: ChatCompletionRequest) -> Response:
+async def azure_chat_completions(
+    state: State, caller: Caller, deployment: str, body: ChatCompletionRequest
+) -> Response:
     return await _complete(state, body, deployment)
 
 

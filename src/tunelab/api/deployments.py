@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from tunelab.api.deps import State
+from tunelab.api.deps import Caller, State
 from tunelab.api.protocol import Deployment, DeploymentRequest
 
 ACCOUNT = (
@@ -21,7 +21,7 @@ def _scope(request: Request) -> str:
 
 @router.put("/deployments/{name}")
 def put_deployment(
-    request: Request, response: Response, state: State, name: str, body: DeploymentRequest
+    request: Request, response: Response, state: State, caller: Caller, name: str, body: DeploymentRequest
 ) -> Deployment:
     model = body.properties.model
     row, created = state.deployer.create(
@@ -32,16 +32,16 @@ def put_deployment(
 
 
 @router.get("/deployments")
-def list_deployments(state: State) -> dict:
+def list_deployments(state: State, caller: Caller) -> dict:
     return {"value": [Deployment.from_row(r).model_dump() for r in state.store.deployments()]}
 
 
 @router.get("/deployments/{name}")
-def get_deployment(state: State, name: str) -> Deployment:
+def get_deployment(state: State, caller: Caller, name: str) -> Deployment:
     return Deployment.from_row(state.deployer.get(name))
 
 
 @router.delete("/deployments/{name}", status_code=200)
-def delete_deployment(state: State, name: str) -> Response:
+def delete_deployment(state: State, caller: Caller, name: str) -> Response:
     state.deployer.delete(name)
     return Response(status_code=200)

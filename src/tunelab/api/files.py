@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from tunelab.api.deps import State
+from tunelab.api.deps import Caller, State
 from tunelab.api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from tunelab.api.protocol import FileDeleted, FileObject, ListPage
 from tunelab.store.blobs import TooLarge
@@ -36,7 +36,7 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 @router.post("/files")
 async def create_file(
-    request: Request, state: State, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    request: Request, state: State, caller: Caller, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
 ) -> FileObject:
     limit = state.settings.max_upload_bytes
     if int(request.headers.get("content-length") or 0) > limit + CHUNK:  # reject before reading
@@ -77,6 +77,7 @@ def _validate(state: State, file_id: str):  # -> FileReport; data/ is imported l
 @router.get("/files")
 def list_files(
     state: State,
+    caller: Caller,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
@@ -88,18 +89,18 @@ def list_files(
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(state: State, file_id: str) -> FileObject:
+def retrieve_file(state: State, caller: Caller, file_id: str) -> FileObject:
     return FileObject.from_row(get_file(state, file_id))
 
 
 @router.get("/files/{file_id}/content")
-def file_content(state: State, file_id: str) -> FileResponse:
+def file_content(state: State, caller: Caller, file_id: str) -> FileResponse:
     row = get_file(state, file_id)
     return FileResponse(state.blobs.path(row.blob), media_type="application/octet-stream", filename=row.filename)
 
 
 @router.get("/files/{file_id}/validation")
-def file_validation(state: State, file_id: str) -> dict:
+def file_validation(state: State, caller: Caller, file_id: str) -> dict:
     """tunelab extension: the whole validation report of a fine-tune file."""
     row = get_file(state, file_id)
     if row.validation is None:
@@ -108,7 +109,7 @@ def file_validation(state: State, file_id: str) -> dict:
 
 
 @router.delete("/files/{file_id}")
-def delete_file(state: State, file_id: str) -> FileDeleted:
+def delete_file(state: State, caller: Caller, file_id: str) -> FileDeleted:
     row = get_file(state, file_id)
     busy = state.store.active_job_using(file_id)
     if busy:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from tunelab.api.deps import State
+from tunelab.api.deps import Caller, State
 from tunelab.api.errors import InvalidRequest, NotFound
 from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
 from tunelab.models.folder import LoraSettings
@@ -50,7 +50,7 @@ def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
 
 
 @router.post("/fine_tuning/jobs")
-def create_job(state: State, body: CreateJobRequest) -> FineTuningJob:
+def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuningJob:
     start = state.store.get(ModelRow, body.model)
     if start is None or start.kind not in ("base", "fine-tuned", "checkpoint"):
         known = ", ".join(m.id for m in state.store.models(kind="base"))
@@ -138,18 +138,18 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(state: State, after: str | None = None, limit: Limit = 20) -> ListPage[FineTuningJob]:
+def list_jobs(state: State, caller: Caller, after: str | None = None, limit: Limit = 20) -> ListPage[FineTuningJob]:
     rows, more = state.store.page(JobRow, after=after, limit=limit)
     return ListPage.of([FineTuningJob.from_row(r) for r in rows], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(state: State, job_id: str) -> FineTuningJob:
+def retrieve_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
     return _job(state, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(state: State, job_id: str) -> FineTuningJob:
+def cancel_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
     job = get_job(state, job_id)
     # The worker polls the status and stops within a step; the conditional update loses no race.
     if not lifecycle.cancel(state.store, job_id, now()):
@@ -160,7 +160,7 @@ def cancel_job(state: State, job_id: str) -> FineTuningJob:
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_job(state: State, job_id: str) -> FineTuningJob:
+def pause_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
     """A queued job is paused at once; a running one is ``pausing`` until its worker has saved its state."""
     job = get_job(state, job_id)
     if not lifecycle.pause(state.store, job_id):
@@ -171,7 +171,7 @@ def pause_job(state: State, job_id: str) -> FineTuningJob:
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-def resume_job(state: State, job_id: str) -> FineTuningJob:
+def resume_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
     """A paused job goes back to the queue; the worker that claims it goes on from where it stopped."""
     job = get_job(state, job_id)
     if not lifecycle.resume(state.store, job_id):
@@ -183,14 +183,18 @@ def resume_job(state: State, job_id: str) -> FineTuningJob:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-def list_events(state: State, job_id: str, after: str | None = None, limit: Limit = 20) -> ListPage[JobEvent]:
+def list_events(
+    state: State, caller: Caller, job_id: str, after: str | None = None, limit: Limit = 20
+) -> ListPage[JobEvent]:
     get_job(state, job_id)
     rows, more = state.store.events(job_id, after=after, limit=limit)
     return ListPage.of([JobEvent.from_row(r) for r in rows], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(state: State, job_id: str, after: str | None = None, limit: Limit = 10) -> ListPage[JobCheckpoint]:
+def list_checkpoints(
+    state: State, caller: Caller, job_id: str, after: str | None = None, limit: Limit = 10
+) -> ListPage[JobCheckpoint]:
     get_job(state, job_id)
     rows, more = state.store.checkpoints(job_id, after=after, limit=limit)
     return ListPage.of([JobCheckpoint.from_row(r) for r in rows], more)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from tunelab.api.deps import State
+from tunelab.api.deps import Caller, State
 from tunelab.api.errors import Conflict, InvalidRequest, NotFound
 from tunelab.api.protocol import ListPage, ModelDeleted, ModelObject
 from tunelab.store.tables import ModelRow
@@ -23,18 +23,18 @@ def get_model(state: State, model_id: str) -> ModelRow:
 
 
 @router.get("/models")
-def list_models(state: State) -> ListPage[ModelObject]:
+def list_models(state: State, caller: Caller) -> ListPage[ModelObject]:
     return ListPage.of([ModelObject.from_row(r) for r in state.store.models()])
 
 
 # Model ids contain slashes (HuggingFaceTB/SmolLM2-135M-Instruct, ft:<base>:...), hence :path.
 @router.get("/models/{model_id:path}")
-def retrieve_model(state: State, model_id: str) -> ModelObject:
+def retrieve_model(state: State, caller: Caller, model_id: str) -> ModelObject:
     return ModelObject.from_row(get_model(state, model_id))
 
 
 @router.delete("/models/{model_id:path}")
-def delete_model(state: State, model_id: str) -> ModelDeleted:
+def delete_model(state: State, caller: Caller, model_id: str) -> ModelDeleted:
     row = get_model(state, model_id)
     if row.kind == "base":
         raise InvalidRequest("Base models cannot be deleted through the API.", param="model")
