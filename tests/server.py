@@ -85,7 +85,7 @@ def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | N
         try:
             if requests.get(f"{url}/health", timeout=1).ok:
                 return Server(url, KEY, data_dir, proc, log)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting
             time.sleep(0.2)
     stop_server(Server(url, KEY, data_dir, proc, log))
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
