@@ -254,8 +254,12 @@ def test_checkpoints_results_and_validation_report_are_artifacts(lora_job: Job, 
 
 
 @pytest.mark.slow
-def test_registered_version_points_at_the_run_and_generates(lora_job: Job, client, mlflow_server: str, tiny_dir):
+def test_registered_version_points_at_the_run_and_generates(
+    lora_job: Job, client, mlflow_server: str, tiny_dir, monkeypatch
+):
     import mlflow
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # a user's client, not the worker's tracker
 
     name = "tiny-llama-ftjob-lora"
     version = client.get_model_version(name, lora_job.version)
@@ -275,7 +279,9 @@ def test_registered_version_points_at_the_run_and_generates(lora_job: Job, clien
 
 # -- a full fine-tune: the whole model is logged ------------------------------------------------------
 @pytest.mark.slow
-def test_full_fine_tune_registers_the_whole_model(mlflow_server: str, tiny_dir: Path, job_files, tmp_path, client):
+def test_full_fine_tune_registers_the_whole_model(
+    mlflow_server: str, tiny_dir: Path, job_files, tmp_path, client, monkeypatch
+):
     import mlflow
 
     job = run_job(mlflow_server, "ftjob-full", tiny_dir, (job_files[0], None), tmp_path / "job", lora_rank=0)
@@ -285,6 +291,7 @@ def test_full_fine_tune_registers_the_whole_model(mlflow_server: str, tiny_dir: 
     assert version.run_id == run.info.run_id
 
     mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # a user's client, not the worker's tracker
     pipe = mlflow.transformers.load_model(f"models:/tiny-llama-ftjob-full/{job.version}")
     assert type(pipe.model).__name__ == "LlamaForCausalLM"
     out = pipe([{"role": "user", "content": "Hi"}], max_new_tokens=3, do_sample=False)
