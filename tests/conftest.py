@@ -23,6 +23,18 @@ BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEY = "test-key"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_default_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads or writes the user's ~/.tunelab: the default data dir is a temporary one.
+
+    (The per-user model cache, ~/.cache/tunelab, is shared on purpose: the bundled model is imported once.)
+    """
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TUNELAB_DATA_DIR", str(tmp_path_factory.mktemp("default-data-dir")))
+    yield
+    patch.undo()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
