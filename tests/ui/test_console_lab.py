@@ -76,6 +76,11 @@ def test_the_lab_in_the_browser(page: Page, lab_server: Server):
     assert points(page) >= before["points"]
     assert page.locator("#hyperparameters").inner_text() == before["settings"]  # resolved values, from the server
     expect(page.locator("#job-events")).to_contain_text("Fine-tuning job started")
+    page.goto(f"{url}/ui")  # the overview shows it too, with its loss sparkline
+    running = page.locator("#running-jobs")
+    if "running" in running.inner_text():
+        expect(running.locator("svg.spark polyline")).to_be_visible()
+    page.goto(f"{url}/ui/jobs/{job_id}")
 
     # -- deploy the first checkpoint (end of epoch 1, step 6) --------------------------------------
     checkpoint = page.locator("#ckpt-6")

@@ -122,7 +122,10 @@ def review(request: Request, state: State, session: Checked, form: Annotated[Job
         "resolved": resolved,
         "report": report,
         "steps": steps,
-        "tokens": stats["trained_tokens_per_epoch"] * resolved.n_epochs,
+        "tokens": {  # read: every token, after truncation; trained: the assistant tokens the loss is on
+            "read": stats["trained_tokens_per_epoch"] * resolved.n_epochs,
+            "trained": round(stats["assistant"]["mean"] * report["examples"]) * resolved.n_epochs,
+        },
         "sdk": views.sdk_job_call(body, base),
         "curl": views.curl_job_call(body, base),
     }
