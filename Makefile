@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo check test test-fast test-slow test-all clean
+.PHONY: setup demo check test test-fast test-slow test-browser test-all clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,19 +26,24 @@ check: setup
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not slow and not integration" -W error
+	$(BIN)/python -m pytest -q -m "not slow and not integration and not browser" -W error
 
 # The default set: unit and integration tests plus the lab end to end (~15 min on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow or e2e"
+	$(BIN)/python -m pytest -q -m "(not slow or e2e) and not browser"
 
 # Without training: unit and integration tests.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 # The slow tier that `make test` leaves out: training on the bundled model, a real MLflow server.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow and not e2e"
+	$(BIN)/python -m pytest -q -m "slow and not e2e and not browser"
+
+# The web console in a real browser (needs /usr/bin/chromium: apt-get install -y chromium).
+test-browser: setup
+	$(BIN)/pip install -q -e ".[browser]"
+	$(BIN)/python -m pytest -q -m browser tests/ui
 
 test-all: setup
 	$(BIN)/python -m pytest -q

@@ -190,9 +190,9 @@ class TimingHooks:
 def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunelab.data.tokenize import tokenize_chat
     from tunelab.training.hparams import JobSpec
     from tunelab.training.recipe import TrainSpec, train
-    from tunelab.training.tokenize import tokenize_chat
 
     hooks = TimingHooks()
     out = work / f"tunelab-{lora_rank}"
@@ -274,7 +274,7 @@ def run_api(model_dir: Path, train_file: Path, work: Path, device: str) -> dict:
         server.wait(timeout=60)
     from transformers import AutoTokenizer
 
-    from tunelab.training.tokenize import tokenize_chat
+    from tunelab.data.tokenize import tokenize_chat
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     real_tokens = sum(
@@ -301,8 +301,8 @@ def heldout_loss(model, model_dir: Path, chats: list[dict], device: str) -> floa
     """Mean loss on the assistant tokens of ``chats``, with tunelab's masking, for every recipe alike."""
     from transformers import AutoTokenizer
 
+    from tunelab.data.tokenize import tokenize_chat
     from tunelab.training.packing import pack, token_losses
-    from tunelab.training.tokenize import tokenize_chat
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = [tokenize_chat(tokenizer, c["messages"]) for c in chats]
@@ -489,8 +489,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from transformers import AutoTokenizer
 
+    from tunelab.data.tokenize import tokenize_chat
     from tunelab.models.bundled import bundled_model_dir
-    from tunelab.training.tokenize import tokenize_chat
 
     bundled = bundled_model_dir(Path("~/.cache/tunelab").expanduser())
     torch.set_num_threads(args.threads)

@@ -12,6 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 
+TRAINER = ("training.recipe", "training.worker", "training.tracking", "training.packing", "training.resume")
+
 # layer -> the parts of tunelab it must not import
 FORBIDDEN = {
     "data": ("api", "ui", "serving", "training", "evals", "models", "store"),
@@ -20,7 +22,8 @@ FORBIDDEN = {
     "serving": ("api", "ui", "training", "evals"),
     # The API and the console never import the trainer: jobs are rows a worker claims. The pure
     # modules that describe a job (its hyperparameters, the hooks' values) are allowed.
-    "api": ("training.recipe", "training.worker", "training.tracking", "training.packing", "training.tokenize"),
+    "api": TRAINER,
+    "ui": TRAINER,
 }
 
 

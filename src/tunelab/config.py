@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         default=False,
         description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit).",
     )
+    session_hours: float = Field(
+        default=12.0, gt=0, description="How long a console login lasts (the session cookie expires then)."
+    )
+    session_secret: str | None = Field(
+        default=None,
+        description="Signs console session cookies; default one generated on first start and kept in the "
+        "database. Changing it (or the API key) ends every console session.",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         validation_alias=AliasChoices("TUNELAB_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),

@@ -71,3 +71,36 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path):
         assert [p.name for p in (srv.data_dir / "files").iterdir()] == []
     finally:
         stop_server(srv)
+
+
+def test_validation_with_a_model_counts_with_its_tokenizer_and_context(client, uploaded_lab_files):
+    headers = {"api-key": client.api_key}
+    url = f"{client.base_url}files/{uploaded_lab_files[0]}/validation"
+    stored = requests.get(url, headers=headers).json()
+    assert "model" not in stored["tokens"] and stored["max_tokens"] is None  # the upload's own report
+    report = requests.get(url, params={"model": BASE_MODEL}, headers=headers).json()
+    model = report["tokens"]["model"]
+    assert report["max_tokens"] == 8192  # SmolLM2's max_position_embeddings
+    assert model["truncated_examples"] == 0 and sum(model["histogram"]["counts"]) == report["examples"] == 12
+    assert model["total"]["mean"] != stored["tokens"]["cl100k_base"]["total"]["mean"]  # another tokenizer
+    missing = requests.get(url, params={"model": "no/such-model"}, headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_examples_are_tokenized_as_training_sees_them(client, uploaded_lab_files, tokenizer):
+    from tunelab.data.tokenize import tokenize_chat
+
+    headers = {"api-key": client.api_key}
+    url = f"{client.base_url}files/{uploaded_lab_files[0]}/examples"
+    first = requests.get(url, params={"model": BASE_MODEL, "limit": 2}, headers=headers).json()
+    assert [e["line"] for e in first["data"]] == [1, 2] and first["has_more"] is True
+    rest = requests.get(url, params={"model": BASE_MODEL, "after": 2, "limit": 100}, headers=headers).json()
+    assert [e["line"] for e in rest["data"]] == list(range(3, 13)) and rest["has_more"] is False
+
+    # The same tokens, and the same trained ones, as the trainer's tokenize_chat.
+    example = json.loads((SAMPLES / "training_set.jsonl").read_text().splitlines()[0])
+    tokenized = tokenize_chat(tokenizer, example["messages"])
+    shown = first["data"][0]
+    assert shown["n_tokens"] == len(tokenized) and shown["n_trained"] == tokenized.n_trained
+    trained_text = "".join(text for text, trained in shown["tokens"] if trained)
+    assert trained_text.startswith(example["messages"][-1]["content"]) and trained_text.endswith("<|im_end|>")

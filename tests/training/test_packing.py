@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tunelab.data.tokenize import tokenize_chat
 from tunelab.training.packing import example_of_tokens, pack, token_losses
-from tunelab.training.tokenize import tokenize_chat
 
 from .conftest import CHATS, chat
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tunelab.data.tokenize import tokenize_chat
 from tunelab.training import recipe as recipe_module
 from tunelab.training.hooks import Stop
 from tunelab.training.hparams import JobSpec
 from tunelab.training.recipe import Cancelled, Paused, TrainingError, TrainSpec, train
-from tunelab.training.tokenize import tokenize_chat
 
 from .conftest import CHATS, RecordingHooks, chat, write_jsonl
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from tunelab.training.tokenize import IGNORE_INDEX, TemplateError, tokenize_chat
+from tunelab.data.tokenize import IGNORE_INDEX, TemplateError, token_pieces, tokenize_chat
 
 from .conftest import SYSTEM
 
@@ -88,3 +88,19 @@ def test_truncation_cuts_the_end(tokenizer):
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:20] and cut.labels == full.labels[:20]
     assert cut.n_trained == 0
+
+
+def test_token_pieces_tile_the_rendered_chat_and_mark_what_tokenize_chat_trains(tokenizer):
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Say hi 👋 twice"},
+        {"role": "assistant", "content": "Skipped", "weight": 0},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "hi 👋 hi 👋"},  # an emoji spans several byte-level tokens
+    ]
+    pieces = token_pieces(tokenizer, messages)
+    example = tokenize_chat(tokenizer, messages)
+
+    assert "".join(text for text, _ in pieces) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert [trained for _, trained in pieces] == [label != IGNORE_INDEX for label in example.labels]
+    assert "".join(text for text, trained in pieces if trained) == "hi 👋 hi 👋<|im_end|>"

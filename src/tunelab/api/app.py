@@ -7,7 +7,7 @@ import secrets
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from tunelab import __version__
+from tunelab import __version__, ui
 from tunelab.api import chat, deployments, errors, files, fine_tuning, models
 from tunelab.api.deps import AppState, require_key
 from tunelab.config import Settings
@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     # get /deployments/{name} (chat.router serves both spellings).
     app.include_router(data_plane, prefix="/openai")
     app.include_router(deployments.router, dependencies=[Depends(require_key)])
+    ui.mount(app, state)  # the web console at /ui, on the session of a logged-in key
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict:

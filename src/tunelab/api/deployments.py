@@ -23,12 +23,16 @@ def _scope(request: Request) -> str:
 def put_deployment(
     request: Request, response: Response, state: State, caller: Caller, name: str, body: DeploymentRequest
 ) -> Deployment:
-    model = body.properties.model
-    row, created = state.deployer.create(
-        name, _scope(request), model.name, model.format, model.version, body.sku.model_dump()
-    )
+    deployment, created = deploy(state, caller, _scope(request), name, body)
     response.status_code = 201 if created else 200
-    return Deployment.from_row(row)
+    return deployment
+
+
+def deploy(state: State, caller: Caller, scope: str, name: str, body: DeploymentRequest) -> tuple[Deployment, bool]:
+    """Create or replace deployment ``name`` under the management-plane ``scope``; (deployment, created)."""
+    model = body.properties.model
+    row, created = state.deployer.create(name, scope, model.name, model.format, model.version, body.sku.model_dump())
+    return Deployment.from_row(row), created
 
 
 @router.get("/deployments")

@@ -67,6 +67,22 @@ def authenticate(state: AppState, key: str) -> Principal:
     return Principal(key_id="key-admin", project_id=DEFAULT_PROJECT, role=Role.ADMIN)
 
 
+def reauthenticate(state: AppState, principal: Principal) -> Principal:
+    """The principal of a key that authenticated earlier, if that key is still accepted.
+
+    A console session keeps the principal its login returned (never the key) and re-checks it here
+    on every request, so that a revoked key's sessions end at once. With one admin key there is
+    nothing to revoke (changing the key invalidates every session's signature instead).
+
+    Raises:
+        Unauthorized: the key no longer exists or was revoked.
+    """
+    admin = authenticate(state, state.api_key)  # today's only key
+    if principal.key_id != admin.key_id:
+        raise Unauthorized("The API key of this session is no longer valid.")
+    return admin
+
+
 def require_key(request: Request, state: State) -> Principal:
     """Accept ``api-key: K`` (Azure) or ``Authorization: Bearer K`` (OpenAI, Azure management)."""
     given = request.headers.get("api-key")

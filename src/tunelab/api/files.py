@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -11,7 +14,8 @@ from fastapi.responses import FileResponse
 
 from tunelab.api.deps import Caller, State
 from tunelab.api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from tunelab.api.protocol import FileDeleted, FileObject, ListPage
+from tunelab.api.protocol import FileDeleted, FileExample, FileObject, ListPage
+from tunelab.models.catalog import model_source
 from tunelab.store.blobs import TooLarge
 from tunelab.store.db import new_id, now
 from tunelab.store.tables import FileRow
@@ -100,12 +104,80 @@ def file_content(state: State, caller: Caller, file_id: str) -> FileResponse:
 
 
 @router.get("/files/{file_id}/validation")
-def file_validation(state: State, caller: Caller, file_id: str) -> dict:
-    """tunelab extension: the whole validation report of a fine-tune file."""
+def file_validation(state: State, caller: Caller, file_id: str, model: str | None = None) -> dict:
+    """tunelab extension: the whole validation report of a fine-tune file.
+
+    With ``model`` (any model id), the file is counted again with that model's tokenizer and chat
+    template and checked against its context, as a job on that model will see it (key "model").
+    """
     row = get_file(state, file_id)
     if row.validation is None:
         raise NotFound(f"File {file_id} has no validation report (purpose '{row.purpose}').", param="file_id")
-    return row.validation
+    if model is None:
+        return row.validation
+    return _report_with_model(state.blobs.path(row.blob), _model_dir(state, model))
+
+
+@router.get("/files/{file_id}/examples")
+def file_examples(
+    state: State,
+    caller: Caller,
+    file_id: str,
+    model: str,
+    after: Annotated[int, Query(ge=0, description="A line number: examples after it.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> ListPage[FileExample]:
+    """tunelab extension: examples as training tokenizes them with ``model``'s chat template, each
+    token with whether it is trained."""
+    from tunelab.data.formats import iter_chat_examples
+    from tunelab.data.tokenize import TemplateError, token_pieces
+    from tunelab.models.folder import context_length, tokenizer_of
+
+    row = get_file(state, file_id)
+    if row.status != "processed" or (row.validation or {}).get("format") not in ("chat", "prompt_completion"):
+        raise InvalidRequest(
+            f"File {file_id} is not a valid chat or prompt/completion file; see its validation report.",
+            param="file_id",
+        )
+    model_dir = _model_dir(state, model)
+    with _TOKENIZING:
+        tokenizer, max_tokens = tokenizer_of(model_dir), context_length(model_dir)
+    examples: list[FileExample] = []
+    for line, example in iter_chat_examples(state.blobs.path(row.blob)):
+        if line <= after:
+            continue
+        if len(examples) == limit:
+            return ListPage.of(examples, has_more=True)
+        try:
+            with _TOKENIZING:
+                pieces = token_pieces(tokenizer, example["messages"], tools=example.get("tools"))
+        except TemplateError as e:
+            examples.append(
+                FileExample(line=line, tokens=[], n_tokens=0, n_trained=0, max_tokens=max_tokens, error=str(e))
+            )
+            continue
+        examples.append(FileExample.of(line, pieces, max_tokens))
+    return ListPage.of(examples)
+
+
+def _model_dir(state: State, model: str) -> Path:
+    """The folder with ``model``'s tokenizer: its base model's, or its own when fully fine-tuned."""
+    return model_source(state.store, model, state.settings.cache_path).model_dir
+
+
+# A fast tokenizer is not safe to share between threads mid-call, nor is transformers' lazy import
+# of it: the API loads and uses tokenizers one request at a time.
+_TOKENIZING = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)  # a blob never changes: its id is new for every upload
+def _report_with_model(path: Path, model_dir: Path) -> dict[str, Any]:
+    from tunelab.data.validate import validate_file
+    from tunelab.models.folder import context_length, tokenizer_of
+
+    with _TOKENIZING:
+        report = validate_file(path, tokenizer=tokenizer_of(model_dir), max_tokens=context_length(model_dir))
+    return report.to_dict()
 
 
 @router.delete("/files/{file_id}")

@@ -63,6 +63,33 @@ class FileObject(BaseModel):
         )
 
 
+class FileExample(BaseModel):
+    """tunelab extension: one example of a file as training tokenizes it with a model's chat template."""
+
+    object: Literal["file.example"] = "file.example"
+    line: int
+    tokens: list[tuple[str, bool]]
+    """Each token's text and whether it takes loss (trained assistant turns, weight 1); the texts
+    join to the rendered chat."""
+    n_tokens: int
+    n_trained: int
+    max_tokens: int | None
+    """The model's context: tokens after it are cut off in training."""
+    error: str | None = None
+    """Why the chat template could not render this example (then ``tokens`` is empty)."""
+
+    @classmethod
+    def of(cls, line: int, tokens: list[tuple[str, bool]], max_tokens: int | None) -> FileExample:
+        kept = tokens[:max_tokens] if max_tokens is not None else tokens
+        return cls(
+            line=line,
+            tokens=tokens,
+            n_tokens=len(tokens),
+            n_trained=sum(trained for _text, trained in kept),
+            max_tokens=max_tokens,
+        )
+
+
 class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"

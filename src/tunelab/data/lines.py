@@ -59,6 +59,25 @@ def iter_lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[R
             yield RawLine(number, offset, data.rstrip(b"\r\n"))
 
 
+def read_lines(path: Path, numbers: set[int], max_chars: int = 2000) -> dict[int, str]:
+    """The text of the given 1-based lines (an error report shows the offending line).
+
+    Stops after the last line asked for. Undecodable bytes are replaced; a line longer than
+    ``max_chars`` characters is cut there and ends with "…".
+    """
+    found: dict[int, str] = {}
+    if not numbers:
+        return found
+    last = max(numbers)
+    for raw in iter_lines(path):
+        if raw.number in numbers:
+            text = "<line too long to read>" if raw.too_long else raw.data[: max_chars * 4].decode("utf-8", "replace")
+            found[raw.number] = text if len(text) <= max_chars else text[:max_chars] + "…"
+        if raw.number >= last:
+            break
+    return found
+
+
 def split_points(path: Path, parts: int) -> list[int]:
     """Offsets that cut ``path`` into ``parts`` byte ranges, each starting at a line start.
 

@@ -65,6 +65,8 @@ class TokenStats:
     """trained_tokens_per_epoch times the planned number of epochs."""
     histogram: Histogram
     """Distribution of total tokens per example."""
+    truncated_examples: int = 0
+    """Examples longer than max_tokens, which training cuts (0 when no context is checked)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -162,5 +162,6 @@ def _token_stats(merged: MergedScan, max_tokens: int | None, epochs: int) -> dic
             trained_tokens_per_epoch=per_epoch,
             trained_tokens=per_epoch * epochs,
             histogram=histogram(total),
+            truncated_examples=int((total > max_tokens).sum()) if max_tokens is not None else 0,
         )
     return stats

@@ -7,6 +7,7 @@ resolver: where ``TUNELAB_DEVICE`` says a model loads.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ def context_length(model_dir: Path) -> int | None:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     value = config.get("max_position_embeddings")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_of(model_dir: Path) -> Any:
+    """The folder's Hugging Face tokenizer, loaded once per process (the API counts files with it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
-from tunelab.training.tokenize import IGNORE_INDEX, TokenizedExample
+from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 _flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 

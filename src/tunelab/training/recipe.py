@@ -45,11 +45,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from tunelab.data.formats import iter_chat_examples
+from tunelab.data.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
 from tunelab.models.folder import LoraSettings, context_length, eos_ids, resolve_device
 from tunelab.training import hparams, resume
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, token_losses
-from tunelab.training.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
 
 Model = Any
 """A transformers causal LM, or PEFT's wrapper of one (both too dynamic for a useful static type)."""

@@ -10,15 +10,20 @@ templates that rewrite earlier turns (e.g. dropping reasoning from past turns) a
 
 The full text is tokenized once, exactly as at inference time, and a token is trained when it
 starts inside a trained character span (token offsets from the fast tokenizer).
+
+Pure (the tokenizer is passed in), so the trainer, the API and the console share it: the console
+shades the tokens that ``token_pieces`` marks, the same ones ``tokenize_chat`` labels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # labels with this value take no loss (torch cross_entropy's ignore_index)
 
@@ -60,17 +65,42 @@ def tokenize_chat(
     Raises:
         TemplateError: the template fails on these messages or does not render them prefix by prefix.
     """
-    text, spans = trained_char_spans(tokenizer, messages, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids: list[int] = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for i, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[i] = input_ids[i]
+    _text, input_ids, _starts, trained = _encode(tokenizer, messages, tools)
+    labels = [token if take else IGNORE_INDEX for token, take in zip(input_ids, trained, strict=True)]
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+
+def token_pieces(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, tools: list[Any] | None = None
+) -> list[tuple[str, bool]]:
+    """The rendered chat cut into its tokens: (text, trained) for each token ``tokenize_chat`` makes.
+
+    The texts join to the rendered chat. A character that several tokens share (a byte-level
+    tokenizer splitting one emoji) goes to the first of them; the others get "".
+
+    Raises:
+        TemplateError: as ``tokenize_chat``.
+    """
+    text, _ids, starts, trained = _encode(tokenizer, messages, tools)
+    bounds: list[int] = []
+    for start in starts:  # monotonic, so that the pieces tile the text
+        bounds.append(max(start, bounds[-1]) if bounds else 0)
+    bounds.append(len(text))
+    return [(text[bounds[i] : bounds[i + 1]], trained[i]) for i in range(len(starts))]
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[Any] | None
+) -> tuple[str, list[int], list[int], list[bool]]:
+    """The rendered text, its token ids, each token's start offset and whether it is trained."""
+    text, spans = trained_char_spans(tokenizer, messages, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [start for start, _end in enc["offset_mapping"]]
+    trained = [any(lo <= start < hi for lo, hi in spans) for start in starts]
+    return text, list(enc["input_ids"]), starts, trained
 
 
 def trained_char_spans(
