@@ -8,12 +8,12 @@ import os
 # on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib
 import logging
-import subprocess
-import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -57,39 +57,35 @@ def serve(
     data_dir: DataDir = None,
     worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run an embedded training worker.")] = True,
 ) -> None:
-    """Run the API server (and, by default, a training worker beside it)."""
+    """Run the API server (and, by default, a training worker beside it, restarted if it dies)."""
     import uvicorn
 
-    from tunelab.api.app import create_app, resolve_api_key
+    from tunelab.api.app import create_app
+    from tunelab.store.keys import bootstrap_admin_key
+    from tunelab.supervisor import WorkerSupervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
-    key, generated = resolve_api_key(settings, _store(settings))
+    store = _store(settings)
+    generated = bootstrap_admin_key(settings, store)
     if generated:
-        console.print(f"[bold]Generated API key[/bold] (stored in {settings.data_path}): {key}")
-    child = None
-    if worker:
-        # A separate process: training must not compete with the server's event loop for the GIL.
-        cmd = [
-            sys.executable,
-            "-m",
-            "tunelab",
-            "worker",
-            "--data-dir",
-            str(settings.data_path),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        child = subprocess.Popen(cmd)
-    try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
-    finally:
-        if child is not None:  # it pauses its running job after the current step, then exits
-            child.terminate()
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                console.print("The worker is still saving its job's state; it exits by itself when done.")
+        console.print(f"[bold]Generated admin API key[/bold] (shown once; only its hash is kept): {generated}")
+    supervisor = WorkerSupervisor(settings, store) if worker else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        # uvicorn re-raises SIGTERM once it has shut down, so code after uvicorn.run never runs
+        # on a SIGTERM: the worker is stopped here, in the lifespan's shutdown, which does run.
+        if supervisor is not None:
+            supervisor.start()
+        try:
+            yield
+        finally:
+            if supervisor is not None:
+                await asyncio.to_thread(supervisor.stop)
+
+    app_ = create_app(settings, lifespan=lifespan, supervisor=supervisor)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @app.command("worker")

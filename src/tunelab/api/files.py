@@ -9,9 +9,9 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from tunelab.api.deps import Caller, State
+from tunelab.api.deps import Member, Principal, State
 from tunelab.api.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from tunelab.api.protocol import FileDeleted, FileObject, ListPage
+from tunelab.api.protocol import Cursor, FileDeleted, FileObject, ListPage
 from tunelab.store.blobs import TooLarge
 from tunelab.store.db import new_id, now
 from tunelab.store.tables import FileRow
@@ -20,13 +20,24 @@ router = APIRouter(tags=["files"])
 
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "user_data", "evals", "vision")
 CHUNK = 1024 * 1024
+MAX_FILENAME = 255
 
 
-def get_file(state: State, file_id: str) -> FileRow:
+def get_file(state: State, caller: Principal, file_id: str) -> FileRow:
+    """The caller's file; another project's is as absent as one that never existed."""
     row = state.store.get(FileRow, file_id)
-    if row is None:
+    if row is None or row.project_id != caller.project_id:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return row
+
+
+def _filename(upload: UploadFile) -> str:
+    name = upload.filename or "upload"
+    if len(name) > MAX_FILENAME or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidRequest(
+            f"The file name must be at most {MAX_FILENAME} characters, without control characters.", param="file"
+        )
+    return name
 
 
 async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -36,7 +47,11 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 @router.post("/files")
 async def create_file(
-    request: Request, state: State, caller: Caller, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    request: Request,
+    state: State,
+    caller: Member,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form(max_length=64)],
 ) -> FileObject:
     limit = state.settings.max_upload_bytes
     if int(request.headers.get("content-length") or 0) > limit + CHUNK:  # reject before reading
@@ -45,6 +60,7 @@ async def create_file(
         raise InvalidRequest(
             f"'{purpose}' is not a valid purpose; expected one of {', '.join(UPLOAD_PURPOSES)}.", param="purpose"
         )
+    filename = _filename(file)
     file_id = new_id("file")
     try:
         size = await state.blobs.write_stream(file_id, _chunks(file), limit)
@@ -52,8 +68,9 @@ async def create_file(
         raise PayloadTooLarge(f"File is larger than the {limit}-byte limit.", param="file") from None
     row = FileRow(
         id=file_id,
+        project_id=caller.project_id,
         created_at=now(),
-        filename=file.filename or "upload",
+        filename=filename,
         purpose=purpose,
         bytes=size,
         status="processed" if purpose != "fine-tune" else "uploaded",
@@ -61,10 +78,10 @@ async def create_file(
     )
     if purpose == "fine-tune":
         report = await run_in_threadpool(_validate, state, file_id)
-        row.validation = report.to_dict()
+        row.validation = {k: v for k, v in report.to_dict().items() if k != "path"}  # no server paths
         row.status = "processed" if report.valid else "error"
         row.status_details = None if report.valid else report.summary()
-    state.store.add(row)
+    state.store.add_in_order(row)
     return FileObject.from_row(row)
 
 
@@ -77,40 +94,40 @@ def _validate(state: State, file_id: str):  # -> FileReport; data/ is imported l
 @router.get("/files")
 def list_files(
     state: State,
-    caller: Caller,
-    purpose: str | None = None,
+    caller: Member,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
-    after: str | None = None,
+    after: Cursor | None = None,
 ) -> ListPage[FileObject]:
-    where = [FileRow.purpose == purpose] if purpose else []
+    where = [FileRow.project_id == caller.project_id] + ([FileRow.purpose == purpose] if purpose else [])
     rows, more = state.store.page(FileRow, after=after, limit=limit, newest_first=order == "desc", where=where)
     return ListPage.of([FileObject.from_row(r) for r in rows], more)
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(state: State, caller: Caller, file_id: str) -> FileObject:
-    return FileObject.from_row(get_file(state, file_id))
+def retrieve_file(state: State, caller: Member, file_id: str) -> FileObject:
+    return FileObject.from_row(get_file(state, caller, file_id))
 
 
 @router.get("/files/{file_id}/content")
-def file_content(state: State, caller: Caller, file_id: str) -> FileResponse:
-    row = get_file(state, file_id)
+def file_content(state: State, caller: Member, file_id: str) -> FileResponse:
+    row = get_file(state, caller, file_id)
     return FileResponse(state.blobs.path(row.blob), media_type="application/octet-stream", filename=row.filename)
 
 
 @router.get("/files/{file_id}/validation")
-def file_validation(state: State, caller: Caller, file_id: str) -> dict:
+def file_validation(state: State, caller: Member, file_id: str) -> dict:
     """tunelab extension: the whole validation report of a fine-tune file."""
-    row = get_file(state, file_id)
+    row = get_file(state, caller, file_id)
     if row.validation is None:
         raise NotFound(f"File {file_id} has no validation report (purpose '{row.purpose}').", param="file_id")
     return row.validation
 
 
 @router.delete("/files/{file_id}")
-def delete_file(state: State, caller: Caller, file_id: str) -> FileDeleted:
-    row = get_file(state, file_id)
+def delete_file(state: State, caller: Member, file_id: str) -> FileDeleted:
+    row = get_file(state, caller, file_id)
     busy = state.store.active_job_using(file_id)
     if busy:
         raise Conflict(f"File {file_id} is in use by fine-tuning job {busy}; cancel it first.", param="file_id")
