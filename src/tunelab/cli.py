@@ -140,3 +140,81 @@ def models_path(model_id: str, data_dir: DataDir = None) -> None:
     except ModelNotFound:
         console.print(f"[red]error:[/red] no base model {model_id!r} (see `tunelab models list`)")
         raise typer.Exit(2) from None
+
+
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+projects_app = typer.Typer(
+    help="Projects: each key sees only its project's files, jobs and models.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(projects_app, name="projects")
+
+
+def _keyring(data_dir: Path | None):
+    from tunelab.store.keys import KeyRing
+
+    settings = _settings(data_dir)
+    return KeyRing.of(settings, _store(settings))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="What the key is for.")],
+    project: Annotated[
+        str | None, typer.Option(help="Its project id (`tunelab projects list`); none: an admin key.")
+    ] = None,
+    role: Annotated[
+        str, typer.Option(help="owner, member or inference (chat only); admin without --project.")
+    ] = "member",
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key and print it once (only its hash is kept)."""
+    from tunelab.store.keys import PROJECT_ROLES, Role
+
+    ring = _keyring(data_dir)
+    if project is None:
+        chosen = Role.ADMIN
+    elif role not in [str(r) for r in PROJECT_ROLES]:
+        console.print(f"[red]error:[/red] --role must be one of {', '.join(PROJECT_ROLES)} for a project key")
+        raise typer.Exit(2)
+    else:
+        chosen = Role(role)
+        found = ring.project(project)
+        if found is None or found.archived_at is not None:
+            console.print(f"[red]error:[/red] no active project {project!r} (see `tunelab projects list`)")
+            raise typer.Exit(2)
+    row, key = ring.create(role=chosen, project_id=project, name=name)
+    console.print(f"created {row.id} ({chosen}{', ' + project if project else ''}); the key, shown once:")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    project: Annotated[str | None, typer.Option(help="A project's keys; none: the admin keys.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List live keys (redacted)."""
+    ring = _keyring(data_dir)
+    for row in ring.keys(project_id=project, admin=project is None):
+        typer.echo(f"{row.id}\t{row.role}\t{row.redacted_value}\t{row.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    if not _keyring(data_dir).revoke(key_id):
+        console.print(f"[red]error:[/red] no live key {key_id!r}")
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
+
+
+@projects_app.command("create")
+def projects_create(name: str, data_dir: DataDir = None) -> None:
+    """Create a project; prints its id."""
+    typer.echo(_keyring(data_dir).create_project(name).id)
+
+
+@projects_app.command("list")
+def projects_list(data_dir: DataDir = None) -> None:
+    for row in _keyring(data_dir).projects(include_archived=True):
+        typer.echo(f"{row.id}\t{'archived' if row.archived_at else 'active'}\t{row.name}")

@@ -38,10 +38,13 @@ def create_app(settings: Settings, *, lifespan: Lifespan | None = None, supervis
     engine = Engine(settings.device, max_batch=settings.max_batch)
     deployer = Deployer(store, engine, settings.cache_path)
     chat_service = ChatService(store, deployer, RateLimiter() if settings.rate_limits else None)
+    blobs = BlobStore(settings.blob_path)
+    if swept := blobs.sweep_abandoned():
+        log.info("deleted %d partial uploads left by processes that died mid-upload", swept)
     state = AppState(
         settings=settings,
         store=store,
-        blobs=BlobStore(settings.blob_path),
+        blobs=blobs,
         deployer=deployer,
         chat=chat_service,
         keys=KeyRing.of(settings, store),

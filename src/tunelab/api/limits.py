@@ -11,10 +11,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tunelab.api.errors import error_body
 
 
-class TooLargeBody(Exception):
-    pass
-
-
 class BodyLimit:
     def __init__(self, app: ASGIApp, *, max_bytes: int, upload_bytes: int) -> None:
         self.app, self.max_bytes, self.upload_bytes = app, max_bytes, upload_bytes
@@ -31,28 +27,25 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await _refuse(send, limit)
             return
-        seen, started = 0, False
+        seen, over = 0, False
 
         async def counting() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise TooLargeBody
+                if seen > limit:  # the app sees the client gone; its answer is replaced below
+                    over = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def sending(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            if not over:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _refuse(send, limit)
 
-        try:
-            await self.app(scope, counting, sending)
-        except TooLargeBody:
-            if started:
-                raise
-            await _refuse(send, limit)
+        await self.app(scope, counting, sending)
 
 
 async def _refuse(send: Send, limit: int) -> None:
