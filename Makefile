@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo check test test-fast test-slow test-all clean
+.PHONY: setup demo check test test-fast test-slow test-fuzz test-all clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,18 +30,23 @@ check: setup
 
 # The default set: unit and integration tests plus the lab end to end (~15 min on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow or e2e"
+	$(BIN)/python -m pytest -q -m "(not slow or e2e) and not fuzz"
 
 # Without training: unit and integration tests.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not fuzz"
 
 # The slow tier that `make test` leaves out: training on the bundled model, a real MLflow server.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow and not e2e"
+	$(BIN)/python -m pytest -q -m "slow and not e2e and not fuzz"
+
+# schemathesis against the server's own OpenAPI schema: every route, 0 responses 5xx (~5 min).
+test-fuzz: setup
+	$(BIN)/pip install -q -e ".[fuzz]"
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m fuzz tests/fuzz
 
 test-all: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not fuzz"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
