@@ -130,3 +130,22 @@ def test_partial_uploads_of_dead_processes_are_swept_and_live_ones_kept(tmp_path
         path.write_bytes(b"half")
     assert blobs.sweep_abandoned() == 1
     assert not gone.exists() and mine.exists() and elsewhere.exists()
+
+
+def test_a_worker_whose_job_was_queued_again_stops_and_keeps_the_saved_state(db_url, tmp_path):
+    """A live worker whose heartbeat lapsed (a network partition): its job went back to the queue. It
+    must stop as "lost", not as "cancelled", which would delete the state the next worker goes on from."""
+    from tunelab.training.hooks import Stop
+    from tunelab.training.worker import JobHooks, Worker
+
+    worker = Worker(Settings(data_dir=tmp_path / "data", database_url=db_url))
+    job_id = held_job(worker.store, worker.id)
+    hooks = JobHooks(worker.store, worker.store.get(JobRow, job_id), "ft", "base", worker)
+    assert hooks.should_stop() is Stop.GO_ON and not hooks.lost
+    lifecycle.requeue(worker.store, job_id, "heartbeat lapsed", worker_id=worker.id)
+    hooks._checked = 0.0  # its next check (at most a second later)
+    assert hooks.should_stop() is Stop.CANCEL and hooks.lost
+
+    cancelled = JobHooks(worker.store, worker.store.get(JobRow, held_job(worker.store, worker.id)), "ft", "b", worker)
+    lifecycle.cancel(worker.store, cancelled.job.id, now())
+    assert cancelled.should_stop() is Stop.CANCEL and not cancelled.lost  # a real cancel is one

@@ -79,8 +79,9 @@ class JobHooks:
         if self._stop is Stop.GO_ON and time.monotonic() - self._checked > 1.0:
             self._checked = time.monotonic()
             status, holder = self.store.job_holder(self.job.id) or (None, None)
-            if holder != self.worker.id and status is not None and status.is_held:
-                # Our heartbeat lapsed and the job went to another worker: stop, touch nothing.
+            if status not in (None, JobStatus.CANCELLED) and holder != self.worker.id:
+                # The job was queued again (our heartbeat lapsed), maybe claimed by another worker
+                # already: stop, and touch neither the job nor its folder (the next worker's now).
                 self.lost = True
                 self._stop = Stop.CANCEL
             elif status is JobStatus.PAUSING or (status is JobStatus.RUNNING and self.worker.stopping()):
