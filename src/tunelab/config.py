@@ -20,7 +20,9 @@ class Settings(BaseSettings):
         default=Path("~/.cache/tunelab"),
         description="Per-user cache shared by every data dir: imported base models, token encodings.",
     )
-    api_key: str | None = Field(default=None, description="API key; generated on first start if unset.")
+    api_key: str | None = Field(
+        default=None, description="The admin API key; with none, one is generated on first start and printed once."
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/tunelab.db."
     )
