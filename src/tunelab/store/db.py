@@ -323,10 +323,9 @@ class Store:
         values = {c.key: getattr(row, c.key) for c in DeploymentRow.__table__.columns}
         with self.session() as s:
             insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(DeploymentRow)
-            created = cast(
-                CursorResult[Any],
-                s.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["name"])),
-            ).rowcount
+            # RETURNING says whether the row went in (rowcount of an ignored INSERT is not portable).
+            inserted = insert.values(**values).on_conflict_do_nothing(index_elements=["name"])
+            created = s.execute(inserted.returning(DeploymentRow.name)).first() is not None
             if not created:
                 changes = {k: v for k, v in values.items() if k not in ("name", "created_at")}
                 replaced = cast(
