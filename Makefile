@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo check test test-fast test-slow test-browser test-all clean
+.PHONY: setup demo check test test-fast test-slow test-browser test-fuzz test-all clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,23 +30,28 @@ check: setup
 
 # The default set: unit and integration tests plus the lab end to end (~15 min on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -q -m "(not slow or e2e) and not browser"
+	$(BIN)/python -m pytest -q -m "(not slow or e2e) and not browser and not fuzz"
 
 # Without training: unit and integration tests.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not fuzz"
 
 # The slow tier that `make test` leaves out: training on the bundled model, a real MLflow server.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow and not e2e and not browser"
+	$(BIN)/python -m pytest -q -m "slow and not e2e and not browser and not fuzz"
 
 # The web console in a real browser (needs /usr/bin/chromium: apt-get install -y chromium).
 test-browser: setup
 	$(BIN)/pip install -q -e ".[browser]"
 	$(BIN)/python -m pytest -q -m browser tests/ui
 
+# schemathesis against the server's own OpenAPI schema: every route, 0 responses 5xx (~5 min).
+test-fuzz: setup
+	$(BIN)/pip install -q -e ".[fuzz]"
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m fuzz tests/fuzz
+
 test-all: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not fuzz and not browser"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -95,5 +96,8 @@ def stop_server(server: Server) -> None:
     try:
         os.killpg(server.proc.pid, signal.SIGTERM)  # the server and its embedded worker
         server.proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(server.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone (a test stopped or killed it)
+        pass
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)

@@ -8,12 +8,12 @@ import os
 # on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import contextlib  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib
 import logging
-import subprocess
-import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -57,39 +57,35 @@ def serve(
     data_dir: DataDir = None,
     worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run an embedded training worker.")] = True,
 ) -> None:
-    """Run the API server (and, by default, a training worker beside it)."""
+    """Run the API server (and, by default, a training worker beside it, restarted if it dies)."""
     import uvicorn
 
-    from tunelab.api.app import create_app, resolve_api_key
+    from tunelab.api.app import create_app
+    from tunelab.store.keys import bootstrap_admin_key
+    from tunelab.supervisor import WorkerSupervisor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
-    key, generated = resolve_api_key(settings, _store(settings))
+    store = _store(settings)
+    generated = bootstrap_admin_key(settings, store)
     if generated:
-        console.print(f"[bold]Generated API key[/bold] (stored in {settings.data_path}): {key}")
-    child = None
-    if worker:
-        # A separate process: training must not compete with the server's event loop for the GIL.
-        cmd = [
-            sys.executable,
-            "-m",
-            "tunelab",
-            "worker",
-            "--data-dir",
-            str(settings.data_path),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        child = subprocess.Popen(cmd)
-    try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
-    finally:
-        if child is not None:  # it pauses its running job after the current step, then exits
-            child.terminate()
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                console.print("The worker is still saving its job's state; it exits by itself when done.")
+        console.print(f"[bold]Generated admin API key[/bold] (shown once; only its hash is kept): {generated}")
+    supervisor = WorkerSupervisor(settings, store) if worker else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        # uvicorn re-raises SIGTERM once it has shut down, so code after uvicorn.run never runs
+        # on a SIGTERM: the worker is stopped here, in the lifespan's shutdown, which does run.
+        if supervisor is not None:
+            supervisor.start()
+        try:
+            yield
+        finally:
+            if supervisor is not None:
+                await asyncio.to_thread(supervisor.stop)
+
+    app_ = create_app(settings, lifespan=lifespan, supervisor=supervisor)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
 @app.command("worker")
@@ -144,3 +140,81 @@ def models_path(model_id: str, data_dir: DataDir = None) -> None:
     except ModelNotFound:
         console.print(f"[red]error:[/red] no base model {model_id!r} (see `tunelab models list`)")
         raise typer.Exit(2) from None
+
+
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+projects_app = typer.Typer(
+    help="Projects: each key sees only its project's files, jobs and models.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+app.add_typer(projects_app, name="projects")
+
+
+def _keyring(data_dir: Path | None):
+    from tunelab.store.keys import KeyRing
+
+    settings = _settings(data_dir)
+    return KeyRing.of(settings, _store(settings))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="What the key is for.")],
+    project: Annotated[
+        str | None, typer.Option(help="Its project id (`tunelab projects list`); none: an admin key.")
+    ] = None,
+    role: Annotated[
+        str, typer.Option(help="owner, member or inference (chat only); admin without --project.")
+    ] = "member",
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key and print it once (only its hash is kept)."""
+    from tunelab.store.keys import PROJECT_ROLES, Role
+
+    ring = _keyring(data_dir)
+    if project is None:
+        chosen = Role.ADMIN
+    elif role not in [str(r) for r in PROJECT_ROLES]:
+        console.print(f"[red]error:[/red] --role must be one of {', '.join(PROJECT_ROLES)} for a project key")
+        raise typer.Exit(2)
+    else:
+        chosen = Role(role)
+        found = ring.project(project)
+        if found is None or found.archived_at is not None:
+            console.print(f"[red]error:[/red] no active project {project!r} (see `tunelab projects list`)")
+            raise typer.Exit(2)
+    row, key = ring.create(role=chosen, project_id=project, name=name)
+    console.print(f"created {row.id} ({chosen}{', ' + project if project else ''}); the key, shown once:")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    project: Annotated[str | None, typer.Option(help="A project's keys; none: the admin keys.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List live keys (redacted)."""
+    ring = _keyring(data_dir)
+    for row in ring.keys(project_id=project, admin=project is None):
+        typer.echo(f"{row.id}\t{row.role}\t{row.redacted_value}\t{row.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = None) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    if not _keyring(data_dir).revoke(key_id):
+        console.print(f"[red]error:[/red] no live key {key_id!r}")
+        raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
+
+
+@projects_app.command("create")
+def projects_create(name: str, data_dir: DataDir = None) -> None:
+    """Create a project; prints its id."""
+    typer.echo(_keyring(data_dir).create_project(name).id)
+
+
+@projects_app.command("list")
+def projects_list(data_dir: DataDir = None) -> None:
+    for row in _keyring(data_dir).projects(include_archived=True):
+        typer.echo(f"{row.id}\t{'archived' if row.archived_at else 'active'}\t{row.name}")

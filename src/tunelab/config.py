@@ -20,12 +20,34 @@ class Settings(BaseSettings):
         default=Path("~/.cache/tunelab"),
         description="Per-user cache shared by every data dir: imported base models, token encodings.",
     )
-    api_key: str | None = Field(default=None, description="API key; generated on first start if unset.")
+    api_key: str | None = Field(
+        default=None, description="The admin API key; with none, one is generated on first start and printed once."
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/tunelab.db."
     )
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Largest accepted upload.")
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest accepted request body other than a file upload."
+    )
     worker_poll_seconds: float = Field(default=1.0, description="How often an idle worker looks for jobs.")
+    worker_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker records in the store that it is alive."
+    )
+    worker_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A worker whose last heartbeat is older than this is dead: its job is queued again.",
+    )
+    resume_every: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds between saves of a running job's resumable state (also saved at every epoch end), "
+        "so that a worker killed outright loses at most this much training.",
+    )
+    min_free_disk_bytes: int = Field(
+        default=1024**3, ge=0, description="GET /ready fails while the data dir's disk has less free space than this."
+    )
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' for training and serving.")
     train_threads: int | None = Field(
         default=None,

@@ -49,8 +49,29 @@ def test_summary_names_the_first_error(write_jsonl: WriteJsonl) -> None:
 
 
 def test_summary_of_a_file_level_error(write_jsonl: WriteJsonl) -> None:
-    report = validate_file(write_jsonl([*chats(3), "[]"]))
-    assert report.summary() == "4 examples: at least 10 are needed; 1 more error"
+    report = validate_file(write_jsonl(chats(3)))
+    assert report.summary() == "3 examples: at least 10 are needed"
+
+
+def test_summary_leads_with_the_line_errors_before_the_file_level_ones(write_jsonl: WriteJsonl) -> None:
+    # A short file whose first line is broken: the line to fix comes first, not "too few examples".
+    report = validate_file(write_jsonl(['{"messages": [}', *chats(1)]))
+    assert report.summary().startswith("line 1: invalid JSON")
+    assert report.summary().endswith("; 1 more error")
+    assert [e.code for e in report.errors][-1] == "too_few_examples"
+
+
+def test_a_scan_that_is_told_to_stop_raises_stopped(write_jsonl: WriteJsonl, monkeypatch) -> None:
+    from tunelab.data import validate
+
+    monkeypatch.setattr(validate, "BYTES_PER_STOP_CHECK", 200)  # several parts even for a small file
+    path = write_jsonl(chats(40))
+    asked = []
+    with pytest.raises(validate.Stopped):
+        validate_file(path, should_stop=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3
+    # Scanned part by part it gives the report of one scan.
+    assert validate_file(path, should_stop=lambda: False).to_dict() == validate_file(path).to_dict()
 
 
 def test_trained_tokens_use_the_auto_epochs(write_jsonl: WriteJsonl) -> None:

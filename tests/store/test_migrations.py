@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 from tunelab.store import Store
 from tunelab.store.db import BASELINE, MIGRATIONS
 from tunelab.store.lifecycle import JobStatus
-from tunelab.store.tables import Base, JobRow
+from tunelab.store.tables import DEFAULT_PROJECT, Base, JobRow, ProjectRow
 
 
 def schema_differences(url: str) -> list:
@@ -44,5 +44,8 @@ def test_a_database_from_before_migrations_is_upgraded_and_keeps_its_rows(tmp_pa
     old = store.get(JobRow, "ftjob-old")
     assert old is not None and old.status is JobStatus.SUCCEEDED and old.hyperparameters == {"n_epochs": 2}
     assert old.resolved_hyperparameters is None
+    # projects came later: what was there belongs to the default project, in the order it was made
+    assert old.project_id == DEFAULT_PROJECT and old.seq == 1
+    assert store.get(ProjectRow, DEFAULT_PROJECT) is not None
     assert schema_differences(url) == []
     Store(url)  # a second start finds nothing to do

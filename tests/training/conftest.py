@@ -44,13 +44,16 @@ def write_jsonl(path: Path, examples: list[dict]) -> Path:
 
 @dataclass
 class RecordingHooks:
-    """TrainHooks that remember everything; after ``stop_after`` polls should_stop returns ``stop_with``.
+    """TrainHooks that remember everything; after ``stop_after`` polls of the step loop should_stop
+    returns ``stop_with`` (with ``setup_stop_after``: after that many polls while setting up).
 
     Steps are recorded as events too, with the message the worker's job event has.
     """
 
     stop_after: int | None = None
     stop_with: Stop = Stop.CANCEL
+    setup_stop_after: int | None = None
+    setup_polls: int = 0
     events: list[dict] = field(default_factory=list)
     started_with: list[tuple[Hyperparameters, int]] = field(default_factory=list)
     checkpoints: list = field(default_factory=list)
@@ -75,6 +78,10 @@ class RecordingHooks:
         self.deleted.append(ckpt)
 
     def should_stop(self) -> Stop:
+        if not self.started_with:  # still setting up
+            self.setup_polls += 1
+            stop = self.setup_stop_after is not None and self.setup_polls > self.setup_stop_after
+            return self.stop_with if stop else Stop.GO_ON
         self.polls += 1
         return self.stop_with if self.stop_after is not None and self.polls > self.stop_after else Stop.GO_ON
 

@@ -8,7 +8,6 @@ host but this machine is aborted and fails the test, and so does a JavaScript er
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -57,14 +56,14 @@ def lab_files(console_server: Server) -> tuple[str, str]:
     return ids[0], ids[1]
 
 
-def session_cookie(issued_at: float | None = None, key_id: str = "key-admin") -> str:
+def session_cookie(issued_at: float | None = None, key_id: str = "key-configured") -> str:
     """A session cookie signed as the test servers sign them, issued at ``issued_at`` (default now)."""
     from unittest import mock
 
     from tunelab.api.deps import Principal, Role
     from tunelab.ui.session import ConsoleSession, SessionCodec
 
-    codec = SessionCodec(SECRET + ":" + hashlib.sha256(KEY.encode()).hexdigest(), 3600)
+    codec = SessionCodec(SECRET, 3600)
     when = time.time() if issued_at is None else issued_at
     session = ConsoleSession(Principal(key_id, "proj-default", Role.ADMIN), csrf="t" * 32, issued_at=int(when))
     with mock.patch("itsdangerous.timed.time.time", return_value=when):

@@ -97,6 +97,22 @@ def test_a_session_of_an_unknown_key_is_refused(console_server):
     assert "reason=revoked" in r.headers["location"]
 
 
+def test_revoking_a_key_ends_its_console_sessions_and_inference_keys_cannot_log_in(console_server):
+    admin = {"Authorization": f"Bearer {KEY}"}
+    api = f"{console_server.url}/v1/organization/projects/proj-default/api_keys"
+    member = requests.post(api, headers=admin, json={"name": "console", "role": "member"}).json()
+    http = requests.Session()
+    assert http.post(f"{console_server.url}/ui/login", data={"key": member["value"]}).ok
+    assert http.get(f"{console_server.url}/ui/jobs", allow_redirects=False).status_code == 200
+    assert requests.delete(f"{api}/{member['id']}", headers=admin).ok
+    r = http.get(f"{console_server.url}/ui/jobs", allow_redirects=False)
+    assert r.status_code == 303 and "reason=revoked" in r.headers["location"]
+
+    chat_only = requests.post(api, headers=admin, json={"name": "bot", "role": "inference"}).json()
+    r = requests.post(f"{console_server.url}/ui/login", data={"key": chat_only["value"]}, allow_redirects=False)
+    assert r.status_code == 403 and "role &#39;inference&#39;" in r.text and "set-cookie" not in r.headers
+
+
 def test_htmx_requests_are_sent_to_the_login_page_too(console_server):
     r = requests.get(
         f"{console_server.url}/ui/overview/live",

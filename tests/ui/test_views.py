@@ -27,6 +27,7 @@ def job(**changes) -> FineTuningJob:
         "status": "running",
         "training_file": "file-1",
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
+        "tunelab": {"project_id": "proj-default"},
     }
     return FineTuningJob(**(fields | changes))
 

@@ -7,8 +7,10 @@ and anything unexpected) into OpenAI-shaped bodies. No traceback ever reaches a 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunelab.models.catalog import ModelNotFound
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
 from tunelab.serving.engine import PromptTooLong
 from tunelab.serving.ratelimit import RateLimitExceeded
+from tunelab.store.db import DeploymentNameTaken
 
 log = logging.getLogger("tunelab.api")
 
@@ -50,6 +54,12 @@ class Unauthorized(APIError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "invalid_request_error"
+    code = "insufficient_permissions"
 
 
 class NotFound(APIError):
@@ -107,6 +117,11 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     ),
     ModelNotFound: lambda e: NotFound(f"The model '{e}' does not exist", param="model", code="model_not_found"),
     PromptTooLong: lambda e: InvalidRequest(str(e), param="messages", code="context_length_exceeded"),
+    DeploymentNameTaken: lambda e: Conflict(
+        f"A deployment named '{e.name}' already exists in another project; choose another name.",
+        param="deployment_name",
+        code="DeploymentNameTaken",
+    ),
     RateLimitExceeded: _rate_limited,
 }
 
@@ -136,18 +151,82 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        param = ".".join(loc) or None
-        message = f"{first.get('msg', 'invalid value')}" + (f" (at '{param}')" if param else "")
+        param, message = _first_problem(exc.errors())
         return _respond(400, message, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return _respond(exc.status_code, str(exc.detail), "invalid_request_error", None, code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _respond(500, "The server had an error while processing your request.", "server_error", None, None)
+    # Not an exception handler for Exception: Starlette runs that one in ServerErrorMiddleware,
+    # which re-raises after sending the 500, and uvicorn then closes the keep-alive connection.
+    app.add_middleware(UnexpectedErrors)
+
+
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _first_problem(errors: Any) -> tuple[str | None, str]:
+    """The param a validation error names (``hyperparameters.n_epochs``) and one message for it.
+
+    pydantic reports one error per member of a union (``int | "auto"``), with the member's tag in
+    the location (``constrained-int``, ``literal['auto']``); those tags are dropped from the param
+    and the members' messages joined: "Input should be less than or equal to 50, or input should
+    be 'auto'".
+    """
+
+    def param_of(error: Any) -> str | None:
+        loc = (
+            error.get("loc", ())[1:]
+            if error.get("loc", ())[:1] in (("body",), ("query",), ("path",))
+            else error.get("loc", ())
+        )
+        parts = [str(p) for p in loc if isinstance(p, int) or (isinstance(p, str) and _FIELD.match(p))]
+        return ".".join(parts) or None
+
+    param = param_of(errors[0])
+    messages: list[str] = []
+    for error in errors:
+        if param_of(error) == param and error.get("msg") and error["msg"] not in messages:
+            messages.append(error["msg"])
+    text = ", or ".join([messages[0], *(m[0].lower() + m[1:] for m in messages[1:])]) if messages else "invalid value"
+    return param, text + (f" (at '{param}')" if param else "")
+
+
+class UnexpectedErrors:
+    """Any exception no handler knows becomes a logged, OpenAI-shaped 500, and the connection stays
+    usable. A response already started (a stream) cannot change its status: the error is re-raised."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            body = json.dumps(
+                error_body("The server had an error while processing your request.", "server_error")
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

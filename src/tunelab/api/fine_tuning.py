@@ -10,12 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from tunelab.api.deps import Caller, State
+from tunelab.api.deps import AppState, Member, Principal, State
 from tunelab.api.errors import InvalidRequest, NotFound
-from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
-from tunelab.models.folder import LoraSettings
+from tunelab.api.models import visible_model
+from tunelab.api.protocol import CreateJobRequest, Cursor, FineTuningJob, JobCheckpoint, JobEvent, ListPage
+from tunelab.models.bundled import BundledModelMissing
+from tunelab.models.catalog import ModelNotFound, model_source
+from tunelab.models.folder import LoraSettings, hidden_size
 from tunelab.store import lifecycle
 from tunelab.store.db import new_id, now
 from tunelab.store.lifecycle import JobStatus
@@ -25,22 +28,24 @@ from tunelab.training.hparams import JobSpec
 router = APIRouter(tags=["fine-tuning"])
 SUPERVISED_FORMATS = ("chat", "prompt_completion")
 Limit = Annotated[int, Query(ge=1, le=1000)]
+METADATA_KEY = "metadata["  # jobs.list(metadata={"k": "v"}) is sent as metadata[k]=v
 
 
-def get_job(state: State, job_id: str) -> JobRow:
+def get_job(state: State, caller: Principal, job_id: str) -> JobRow:
+    """The caller's job; another project's is as absent as one that never existed."""
     row = state.store.get(JobRow, job_id)
-    if row is None:
+    if row is None or row.project_id != caller.project_id:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return row
 
 
-def _job(state: State, job_id: str) -> FineTuningJob:
-    return FineTuningJob.from_row(get_job(state, job_id))
+def _job(state: State, caller: Principal, job_id: str) -> FineTuningJob:
+    return FineTuningJob.from_row(get_job(state, caller, job_id))
 
 
-def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
+def _fine_tune_file(state: State, caller: Principal, file_id: str, param: str) -> FileRow:
     row = state.store.get(FileRow, file_id)
-    if row is None:
+    if row is None or row.project_id != caller.project_id:
         raise InvalidRequest(f"File {file_id} does not exist.", param=param, code="file_not_found")
     if row.purpose != "fine-tune":
         raise InvalidRequest(
@@ -50,8 +55,8 @@ def _fine_tune_file(state: State, file_id: str, param: str) -> FileRow:
 
 
 @router.post("/fine_tuning/jobs")
-def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuningJob:
-    start = state.store.get(ModelRow, body.model)
+def create_job(state: State, caller: Member, body: CreateJobRequest) -> FineTuningJob:
+    start = visible_model(state, caller, body.model)
     if start is None or start.kind not in ("base", "fine-tuned", "checkpoint"):
         known = ", ".join(m.id for m in state.store.models(kind="base"))
         raise InvalidRequest(
@@ -63,16 +68,19 @@ def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuni
     spec = body.to_spec()
     if start.kind != "base":
         spec = _going_on_from(start, spec)
+    else:
+        _check_rank(state, start, spec)
     if body.integrations:
         raise InvalidRequest(
             "Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations"
         )
-    files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
+    files = {"training_file": _fine_tune_file(state, caller, body.training_file, "training_file")}
     if body.validation_file:
-        files["validation_file"] = _fine_tune_file(state, body.validation_file, "validation_file")
+        files["validation_file"] = _fine_tune_file(state, caller, body.validation_file, "validation_file")
 
     job = JobRow(
         id=new_id("ftjob"),
+        project_id=caller.project_id,
         created_at=now(),
         model=body.model,
         training_file=body.training_file,
@@ -91,7 +99,22 @@ def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuni
         + (f" and validation file: {body.validation_file}" if body.validation_file else ""),
     )
     _finish_validation(state, job, files)
-    return _job(state, job.id)
+    return _job(state, caller, job.id)
+
+
+def _check_rank(state: State, model: ModelRow, spec: JobSpec) -> None:
+    """LoRA's rank is at most the model's hidden size (a wider adapter only wastes memory)."""
+    if not spec.lora_rank:
+        return
+    try:
+        width = hidden_size(model_source(state.store, model.id, state.settings.cache_path).model_dir)
+    except (ModelNotFound, BundledModelMissing, OSError, ValueError):
+        return  # its folder is unreadable here: the worker checks again, and fails the job with the reason
+    if width is not None and spec.lora_rank > width:
+        raise InvalidRequest(
+            f"lora_rank must be at most the hidden size of {model.id} ({width}), got {spec.lora_rank}.",
+            param="lora_rank",
+        )
 
 
 def _going_on_from(model: ModelRow, spec: JobSpec) -> JobSpec:
@@ -138,63 +161,97 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(state: State, caller: Caller, after: str | None = None, limit: Limit = 20) -> ListPage[FineTuningJob]:
-    rows, more = state.store.page(JobRow, after=after, limit=limit)
+def list_jobs(
+    request: Request, state: State, caller: Member, after: Cursor | None = None, limit: Limit = 20
+) -> ListPage[FineTuningJob]:
+    """Newest first. ``metadata[k]=v`` query parameters (the SDK's ``metadata={"k": "v"}``) keep the
+    jobs whose metadata has every one of those pairs."""
+    return jobs_page(state, caller, after=after, limit=limit, metadata=_metadata_filter(request))
+
+
+def jobs_page(
+    state: AppState,
+    caller: Principal,
+    *,
+    after: str | None = None,
+    limit: int = 20,
+    metadata: dict[str, str] | None = None,
+) -> ListPage[FineTuningJob]:
+    """The caller's project's jobs, newest first, those with every ``metadata`` pair."""
+    where = [JobRow.project_id == caller.project_id]
+    for key, value in (metadata or {}).items():
+        where.append(JobRow.user_metadata[key].as_string() == value)
+    rows, more = state.store.page(JobRow, after=after, limit=limit, where=where)
     return ListPage.of([FineTuningJob.from_row(r) for r in rows], more)
 
 
+def _metadata_filter(request: Request) -> dict[str, str]:
+    pairs = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith(METADATA_KEY) and name.endswith("]"):
+            key = name[len(METADATA_KEY) : -1]
+            if not 0 < len(key) <= 64 or len(value) > 512 or '"' in key or "\\" in key:
+                raise InvalidRequest(
+                    "metadata keys to match are 1-64 characters without '\"' or '\\', values up to 512.", param=name
+                )
+            pairs[key] = value
+    if len(pairs) > 16:
+        raise InvalidRequest("At most 16 metadata pairs can be matched.", param="metadata")
+    return pairs
+
+
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
-    return _job(state, job_id)
+def retrieve_job(state: State, caller: Member, job_id: str) -> FineTuningJob:
+    return _job(state, caller, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
-    job = get_job(state, job_id)
+def cancel_job(state: State, caller: Member, job_id: str) -> FineTuningJob:
+    job = get_job(state, caller, job_id)
     # The worker polls the status and stops within a step; the conditional update loses no race.
     if not lifecycle.cancel(state.store, job_id, now()):
         raise InvalidRequest(
             f"Job {job_id} has already {job.status}; it cannot be cancelled.", param="fine_tuning_job_id"
         )
-    return _job(state, job_id)
+    return _job(state, caller, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
+def pause_job(state: State, caller: Member, job_id: str) -> FineTuningJob:
     """A queued job is paused at once; a running one is ``pausing`` until its worker has saved its state."""
-    job = get_job(state, job_id)
+    job = get_job(state, caller, job_id)
     if not lifecycle.pause(state.store, job_id):
         raise InvalidRequest(
             f"Job {job_id} is {job.status}; only a queued or running job can be paused.", param="fine_tuning_job_id"
         )
-    return _job(state, job_id)
+    return _job(state, caller, job_id)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-def resume_job(state: State, caller: Caller, job_id: str) -> FineTuningJob:
+def resume_job(state: State, caller: Member, job_id: str) -> FineTuningJob:
     """A paused job goes back to the queue; the worker that claims it goes on from where it stopped."""
-    job = get_job(state, job_id)
+    job = get_job(state, caller, job_id)
     if not lifecycle.resume(state.store, job_id):
         hint = " (it is still saving its state; try again in a moment)" if job.status is JobStatus.PAUSING else ""
         raise InvalidRequest(
             f"Job {job_id} is {job.status}; only a paused job can be resumed{hint}.", param="fine_tuning_job_id"
         )
-    return _job(state, job_id)
+    return _job(state, caller, job_id)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_events(
-    state: State, caller: Caller, job_id: str, after: str | None = None, limit: Limit = 20
+    state: State, caller: Member, job_id: str, after: Cursor | None = None, limit: Limit = 20
 ) -> ListPage[JobEvent]:
-    get_job(state, job_id)
+    get_job(state, caller, job_id)
     rows, more = state.store.events(job_id, after=after, limit=limit)
     return ListPage.of([JobEvent.from_row(r) for r in rows], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 def list_checkpoints(
-    state: State, caller: Caller, job_id: str, after: str | None = None, limit: Limit = 10
+    state: State, caller: Member, job_id: str, after: Cursor | None = None, limit: Limit = 10
 ) -> ListPage[JobCheckpoint]:
-    get_job(state, job_id)
+    get_job(state, caller, job_id)
     rows, more = state.store.checkpoints(job_id, after=after, limit=limit)
     return ListPage.of([JobCheckpoint.from_row(r) for r in rows], more)

@@ -1,4 +1,4 @@
-"""/models: base models, fine-tuned models and their checkpoints."""
+"""/models: base models (shared by every project), and a project's fine-tuned models and checkpoints."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 
-from tunelab.api.deps import Caller, State
+from tunelab.api.deps import Caller, Member, Principal, State
 from tunelab.api.errors import Conflict, InvalidRequest, NotFound
 from tunelab.api.protocol import ListPage, ModelDeleted, ModelObject
 from tunelab.store.tables import ModelRow
@@ -15,8 +15,14 @@ from tunelab.store.tables import ModelRow
 router = APIRouter(tags=["models"])
 
 
-def get_model(state: State, model_id: str) -> ModelRow:
+def visible_model(state: State, caller: Principal, model_id: str) -> ModelRow | None:
+    """The model, if the caller may see it: a base model, or one of its project's."""
     row = state.store.get(ModelRow, model_id)
+    return row if row is not None and row.project_id in (None, caller.project_id) else None
+
+
+def get_model(state: State, caller: Principal, model_id: str) -> ModelRow:
+    row = visible_model(state, caller, model_id)
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
     return row
@@ -24,18 +30,19 @@ def get_model(state: State, model_id: str) -> ModelRow:
 
 @router.get("/models")
 def list_models(state: State, caller: Caller) -> ListPage[ModelObject]:
-    return ListPage.of([ModelObject.from_row(r) for r in state.store.models()])
+    rows = [r for r in state.store.models() if r.project_id in (None, caller.project_id)]
+    return ListPage.of([ModelObject.from_row(r) for r in rows])
 
 
 # Model ids contain slashes (HuggingFaceTB/SmolLM2-135M-Instruct, ft:<base>:...), hence :path.
 @router.get("/models/{model_id:path}")
 def retrieve_model(state: State, caller: Caller, model_id: str) -> ModelObject:
-    return ModelObject.from_row(get_model(state, model_id))
+    return ModelObject.from_row(get_model(state, caller, model_id))
 
 
 @router.delete("/models/{model_id:path}")
-def delete_model(state: State, caller: Caller, model_id: str) -> ModelDeleted:
-    row = get_model(state, model_id)
+def delete_model(state: State, caller: Member, model_id: str) -> ModelDeleted:
+    row = get_model(state, caller, model_id)
     if row.kind == "base":
         raise InvalidRequest("Base models cannot be deleted through the API.", param="model")
     users = [d.name for d in state.store.deployments() if d.model == model_id]

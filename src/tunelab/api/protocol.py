@@ -8,13 +8,13 @@ marked. Database rows never cross the HTTP boundary: the ``from_row`` helpers co
 from __future__ import annotations
 
 import json
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from tunelab.serving.engine import SamplingParams
 from tunelab.store.lifecycle import JobStatus
-from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow
+from tunelab.store.tables import ApiKeyRow, DeploymentRow, EventRow, FileRow, JobRow, ModelRow, ProjectRow
 from tunelab.training.hparams import JobSpec
 
 T = TypeVar("T")
@@ -25,12 +25,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def omitted_if_none(default: Any = None, **kwargs: Any) -> Any:
+    """A field the OpenAI spec has optional but not nullable: left out of the response while None."""
+    return Field(default=default, exclude_if=lambda v: v is None, **kwargs)
+
+
+# Bounds of what a request may carry (the database columns are no wider).
+FileId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+ModelId = Annotated[StrictStr, Field(min_length=1, max_length=512)]
+Cursor = Annotated[str, Field(min_length=1, max_length=512)]
+Metadata = Annotated[
+    dict[Annotated[StrictStr, Field(min_length=1, max_length=64)], Annotated[StrictStr, Field(max_length=512)]],
+    Field(max_length=16, description="Up to 16 key-value pairs; keys up to 64 characters, values up to 512."),
+]
+
+
 class ListPage(BaseModel, Generic[T]):
     object: Literal["list"] = "list"
     data: list[T]
     has_more: bool = False
-    first_id: str | None = None
-    last_id: str | None = None
+    first_id: str | None = omitted_if_none()
+    last_id: str | None = omitted_if_none()
 
     @classmethod
     def of(cls, items: list[Any], has_more: bool = False) -> ListPage[Any]:
@@ -44,11 +59,11 @@ class FileObject(BaseModel):
     object: Literal["file"] = "file"
     bytes: int
     created_at: int
-    expires_at: int | None = None
+    expires_at: int | None = omitted_if_none()
     filename: str
     purpose: str
     status: str
-    status_details: str | None = None
+    status_details: str | None = omitted_if_none()
 
     @classmethod
     def from_row(cls, row: FileRow) -> FileObject:
@@ -97,14 +112,27 @@ class FileDeleted(BaseModel):
 
 
 # -- fine-tuning ---------------------------------------------------------------------------------
+MAX_LORA_RANK = 1024
+"""A static bound; a job's lora_rank is also at most its model's hidden size (checked at create)."""
+
+
 class Hyperparameters(Strict):
-    batch_size: int | Auto = Field(default="auto", description="Examples per optimizer step.")
-    learning_rate_multiplier: float | Auto = Field(default="auto", description="Times the method's base LR.")
-    n_epochs: int | Auto = Field(default="auto", description="Passes over the training file.")
+    # OpenAI's bounds. Strict: a boolean or a string is not a number, 3.0 is not an integer.
+    batch_size: Annotated[StrictInt, Field(ge=1, le=256)] | Auto = Field(
+        default="auto", description="Examples per optimizer step: 1-256 or 'auto'."
+    )
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100, strict=True, allow_inf_nan=False)] | Auto = Field(
+        default="auto", description="Times the method's base LR: a number in (0, 100] or 'auto'."
+    )
+    n_epochs: Annotated[StrictInt, Field(ge=1, le=50)] | Auto = Field(
+        default="auto", description="Passes over the training file: 1-50 or 'auto'."
+    )
     # tunelab extensions
-    lora_rank: int | None = Field(default=None, ge=0, description="LoRA rank; 0 = full fine-tuning.")
-    lora_alpha: int | None = Field(default=None, gt=0)
-    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    lora_rank: Annotated[StrictInt, Field(ge=0, le=MAX_LORA_RANK)] | None = Field(
+        default=None, description="LoRA rank; 0 = full fine-tuning; at most the model's hidden size."
+    )
+    lora_alpha: Annotated[StrictInt, Field(ge=1, le=65536)] | None = None
+    lora_dropout: Annotated[float, Field(ge=0, lt=1, strict=True, allow_inf_nan=False)] | None = None
 
 
 class Supervised(Strict):
@@ -117,15 +145,17 @@ class Method(Strict):
 
 
 class CreateJobRequest(Strict):
-    model: str
-    training_file: str
+    model: ModelId
+    training_file: FileId
     hyperparameters: Hyperparameters | None = None
-    integrations: list[dict[str, Any]] | None = None
-    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = Field(default=None, max_length=16)  # refused when given
+    metadata: Metadata | None = None
     method: Method | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    suffix: str | None = Field(default=None, max_length=64)
-    validation_file: str | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    suffix: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
+        default=None, description="Up to 64 letters, digits, '.', '_' or '-': it becomes part of the model id."
+    )
+    validation_file: FileId | None = None
 
     def to_spec(self) -> JobSpec:
         """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.supervised``."""
@@ -141,6 +171,24 @@ class JobError(BaseModel):
     code: str
     message: str
     param: str | None = None
+
+
+class MlflowRun(BaseModel):
+    """Where the job is tracked in MLflow; the server's tracking URI is not shown."""
+
+    run_id: str
+    run_name: str | None = omitted_if_none()
+    experiment: str | None = omitted_if_none()
+    experiment_id: str | None = omitted_if_none()
+    registered_model: dict[str, Any] | None = omitted_if_none()
+    """``{"name", "version"}`` once the job's model is registered."""
+
+
+class TunelabJobExtras(BaseModel):
+    """tunelab's additions to the job object, under a name the OpenAI spec does not use."""
+
+    project_id: str
+    mlflow: MlflowRun | None = omitted_if_none()
 
 
 class FineTuningJob(BaseModel):
@@ -159,11 +207,14 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
-    estimated_finish: int | None = None
-    integrations: list[dict[str, Any]] | None = None
+    estimated_finish: int | None = omitted_if_none()
+    integrations: list[dict[str, Any]] | None = omitted_if_none()
+    """OpenAI's third-party integrations (W&B); tunelab has none (MLflow is in ``tunelab``)."""
     metadata: dict[str, str] | None = None
     method: dict[str, Any]
-    user_provided_suffix: str | None = None
+    user_provided_suffix: str | None = omitted_if_none()
+    # tunelab extension
+    tunelab: TunelabJobExtras
 
     @classmethod
     def from_row(cls, row: JobRow) -> FineTuningJob:
@@ -186,11 +237,26 @@ class FineTuningJob(BaseModel):
             trained_tokens=row.trained_tokens,
             training_file=row.training_file,
             validation_file=row.validation_file,
-            integrations=list(row.integrations or []) or None,
             metadata=row.user_metadata,
             method={"type": "supervised", "supervised": {"hyperparameters": reported}},
             user_provided_suffix=row.suffix,
+            tunelab=TunelabJobExtras(project_id=row.project_id, mlflow=_mlflow_run(row)),
         )
+
+
+def _mlflow_run(row: JobRow) -> MlflowRun | None:
+    """The job's MLflow run from the worker's record of it, without the tracking URI (a server path)."""
+    for entry in row.integrations or []:
+        if entry.get("type") == "mlflow" and entry.get("mlflow", {}).get("run_id"):
+            run = entry["mlflow"]
+            return MlflowRun(
+                run_id=run["run_id"],
+                run_name=run.get("run_name"),
+                experiment=run.get("experiment"),
+                experiment_id=run.get("experiment_id"),
+                registered_model=run.get("registered_model"),
+            )
+    return None
 
 
 class JobEvent(BaseModel):
@@ -199,7 +265,7 @@ class JobEvent(BaseModel):
     created_at: int
     level: str
     message: str
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | None = omitted_if_none()
     type: str
 
     @classmethod
@@ -375,9 +441,9 @@ class ChatCompletionChunk(BaseModel):
 
 # -- Azure management plane ----------------------------------------------------------------------
 class DeploymentModel(BaseModel):
-    format: str = "OpenAI"
-    name: str
-    version: str = "1"
+    format: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "OpenAI"
+    name: ModelId
+    version: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "1"
 
 
 class DeploymentProperties(BaseModel):
@@ -385,9 +451,17 @@ class DeploymentProperties(BaseModel):
     model: DeploymentModel
 
 
+MAX_CAPACITY = 100_000
+"""sku.capacity is in units of 1000 tokens per minute (Azure); this bound is 100 million."""
+
+
 class DeploymentSku(BaseModel):
-    name: str = "standard"
-    capacity: int = 1
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "standard"
+    capacity: Annotated[StrictInt, Field(ge=1, le=MAX_CAPACITY)] = 1
+
+
+DEPLOYMENT_NAME = r"^[A-Za-z0-9._-]{2,64}$"
+"""Azure's rule for deployment names: 2-64 letters, digits, '.', '_' or '-'."""
 
 
 class DeploymentRequest(BaseModel):
@@ -414,3 +488,104 @@ class Deployment(BaseModel):
         return cls(
             id=f"{row.scope}/deployments/{row.name}", name=row.name, sku=DeploymentSku(**row.sku), properties=props
         )
+
+
+# -- organization: projects and their API keys (OpenAI's Administration API) ----------------------
+ProjectName = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+
+class Project(BaseModel):
+    id: str
+    object: Literal["organization.project"] = "organization.project"
+    name: str
+    created_at: int
+    archived_at: int | None = None
+    status: Literal["active", "archived"]
+
+    @classmethod
+    def from_row(cls, row: ProjectRow) -> Project:
+        return cls(
+            id=row.id,
+            name=row.name,
+            created_at=row.created_at,
+            archived_at=row.archived_at,
+            status="archived" if row.archived_at is not None else "active",
+        )
+
+
+class CreateProject(Strict):
+    name: ProjectName
+
+
+class ModifyProject(Strict):
+    name: ProjectName
+
+
+class KeyOwner(BaseModel):
+    """Who a key acts as. OpenAI names a user or service account; a tunelab key is its own account."""
+
+    type: Literal["service_account"] = "service_account"
+    service_account: dict[str, Any]
+
+
+class ProjectApiKey(BaseModel):
+    object: Literal["organization.project.api_key"] = "organization.project.api_key"
+    redacted_value: str
+    name: str
+    created_at: int
+    last_used_at: int | None = None
+    id: str
+    owner: KeyOwner
+    value: str | None = omitted_if_none()
+    """The key itself: only in the answer to its creation (it is stored hashed)."""
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow, value: str | None = None) -> ProjectApiKey:
+        account = {"id": row.id, "name": row.name, "role": row.role, "created_at": row.created_at}
+        return cls(
+            redacted_value=row.redacted_value,
+            name=row.name,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            id=row.id,
+            owner=KeyOwner(service_account=account),
+            value=value,
+        )
+
+
+class CreateProjectApiKey(Strict):
+    """tunelab extension: OpenAI creates project keys in its dashboard only."""
+
+    name: ProjectName
+    role: Literal["owner", "member", "inference"] = "member"
+
+
+class AdminApiKey(BaseModel):
+    object: Literal["organization.admin_api_key"] = "organization.admin_api_key"
+    id: str
+    name: str
+    redacted_value: str
+    created_at: int
+    last_used_at: int | None = None
+    value: str | None = omitted_if_none()
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow, value: str | None = None) -> AdminApiKey:
+        return cls(
+            id=row.id,
+            name=row.name,
+            redacted_value=row.redacted_value,
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            value=value,
+        )
+
+
+class CreateAdminApiKey(Strict):
+    name: ProjectName
+
+
+class KeyDeleted(BaseModel):
+    object: str
+    id: str
+    deleted: bool = True

@@ -16,7 +16,7 @@ import multiprocessing.context
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,12 @@ MIN_EXAMPLES = 10
 """Fewest examples a fine-tuning file may hold (as the OpenAI API requires)."""
 BYTES_PER_WORKER = 8 * 1024 * 1024
 """Below this much data per worker, starting a process costs more than it saves."""
+BYTES_PER_STOP_CHECK = 1024 * 1024
+"""With ``should_stop``, the file is scanned in ranges of about this size, asking between them."""
+
+
+class Stopped(Exception):
+    """``validate_file``'s ``should_stop`` said to stop; the file was not scanned to its end."""
 
 
 def validate_file(
@@ -46,6 +52,7 @@ def validate_file(
     n_epochs: int | None = None,
     max_errors: int = 20,
     workers: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FileReport:
     """Check a JSONL fine-tuning file and count its tokens; never fails on the file's content.
 
@@ -58,10 +65,13 @@ def validate_file(
         n_epochs: planned epochs for the trained-token totals; None: ``auto_n_epochs``.
         max_errors: errors listed in the report; the rest are only counted.
         workers: processes to scan with; None: one per core for large files, else 1.
+        should_stop: asked about every megabyte (the file is then scanned in this process, range
+            by range); True stops the scan.
 
     Raises:
         EncodingUnavailable: an unknown encoding name.
         OSError: the file cannot be read (missing, a directory, no permission).
+        Stopped: ``should_stop`` returned True.
     """
     for name in encodings:
         if name not in RANK_FILES:
@@ -70,13 +80,13 @@ def validate_file(
         raise ValueError("max_errors must be at least 1")
     size = os.path.getsize(path)  # raises for a missing file before any work starts
     file_format, format_line = _first_format(path)
-    n_workers = workers or _default_workers(size)
-    points = split_points(path, n_workers)
+    n_workers = 1 if should_stop is not None else workers or _default_workers(size)
+    points = split_points(path, max(1, size // BYTES_PER_STOP_CHECK) if should_stop is not None else n_workers)
     jobs = [
         ScanJob(path, start, end, file_format, format_line, tuple(encodings), tokenizer, max_tokens, max_errors)
         for start, end in itertools.pairwise(points)
     ]
-    merged = merge_scans(_run(jobs, n_workers), max_errors)
+    merged = merge_scans(_run(jobs, n_workers, should_stop), max_errors)
     context_counter = "model" if tokenizer is not None else (encodings[-1] if encodings else None)
     return _report(path, file_format, merged, max_tokens, n_epochs, max_errors, context_counter)
 
@@ -99,9 +109,14 @@ def _default_workers(size: int) -> int:
     return max(1, min(cores, size // BYTES_PER_WORKER))
 
 
-def _run(jobs: list[ScanJob], workers: int) -> list[RangeScan]:
+def _run(jobs: list[ScanJob], workers: int, should_stop: Callable[[], bool] | None) -> list[RangeScan]:
     if workers == 1:
-        return [scan_range(job) for job in jobs]
+        scans: list[RangeScan] = []
+        for job in jobs:
+            if should_stop is not None and should_stop():
+                raise Stopped(f"stopped after {len(scans)} of {len(jobs)} parts of {job.path}")
+            scans.append(scan_range(job))
+        return scans
     with ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(jobs[0])) as pool:
         return list(pool.map(scan_range, jobs))
 
@@ -134,13 +149,14 @@ def _report(
         file_errors.append(
             Issue(None, "too_few_examples", f"{merged.examples} examples: at least {MIN_EXAMPLES} are needed")
         )
-    errors = (file_errors + merged.errors)[:max_errors]
+    # The line-numbered errors first: they say what to fix ("too few examples" follows from them).
+    errors = (merged.errors + file_errors)[:max_errors]
     return FileReport(
         path=path,
         format=file_format,
         examples=merged.examples,
         errors=errors,
-        errors_omitted=len(file_errors) + merged.error_count - len(errors),
+        errors_omitted=merged.error_count + len(file_errors) - len(errors),
         warnings=warnings_of(merged, max_tokens=max_tokens, context_counter=context_counter),
         tokens=_token_stats(merged, max_tokens, epochs),
         n_epochs=epochs,

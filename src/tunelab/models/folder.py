@@ -41,6 +41,14 @@ def tokenizer_of(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def hidden_size(model_dir: Path) -> int | None:
+    """The width of the model's hidden states (``hidden_size`` of its config.json): LoRA's rank can be
+    no larger. None if the config has none."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    value = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     """Every token that ends a turn: the generation config's EOS ids plus the tokenizer's."""
     configured = generation_config.eos_token_id if generation_config is not None else None

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tunelab.serving.deployer import Deployer
+from tunelab.serving.deployer import Deployer, DeploymentNotFound
 from tunelab.serving.engine import Completion, Engine, SamplingParams
 from tunelab.serving.ratelimit import RateLimiter, RateLimitExceeded
 from tunelab.store import Store
-from tunelab.store.tables import DeploymentRow
+from tunelab.store.tables import DeploymentRow, ModelRow
 
 Messages = list[dict[str, str]]
 
@@ -36,14 +36,19 @@ class ChatService:
     def engine(self) -> Engine:
         return self.deployer.engine
 
-    def admit(self, name: str, messages: Messages, params: SamplingParams) -> Admitted:
+    def admit(self, name: str, messages: Messages, params: SamplingParams, project: str | None = None) -> Admitted:
         """Resolve ``name`` (a deployment or a model id, loaded if needed: blocking) and count the
         request against its deployment's rate limit when limits are on.
+
+        With ``project``, only that project's deployments and models (and the shared base models)
+        are found: another project's are as absent as names that never existed.
 
         Raises:
             DeploymentNotFound, DeploymentFailed: from ``Deployer.resolve``.
             RateLimitExceeded: over the deployment's capacity; nothing was counted.
         """
+        if project is not None:
+            self._check_visible(name, project)
         model = self.deployer.resolve(name)
         return Admitted(model, self._rate_limit(name, model, messages, params))
 
@@ -54,6 +59,16 @@ class ChatService:
     def stream(self, model: str, messages: Messages, params: SamplingParams) -> tuple[int, Iterator[str | Completion]]:
         """The prompt's token count, and the answer as text deltas then one final ``Completion``."""
         return self.engine.prompt_tokens(model, messages), self.engine.stream(model, messages, params)
+
+    def _check_visible(self, name: str, project: str) -> None:
+        deployment = self.store.get(DeploymentRow, name)
+        if deployment is not None:
+            if deployment.project_id != project:
+                raise DeploymentNotFound(name)
+            return
+        model = self.store.get(ModelRow, name)
+        if model is not None and model.project_id not in (None, project):
+            raise DeploymentNotFound(name)
 
     def _rate_limit(self, name: str, model: str, messages: Messages, params: SamplingParams) -> dict[str, str]:
         if self.limiter is None:

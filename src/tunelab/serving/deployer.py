@@ -44,31 +44,33 @@ class Deployer:
         self.store, self.engine, self.cache_dir = store, engine, cache_dir
 
     def create(
-        self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict
+        self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict, project_id: str
     ) -> tuple[DeploymentRow, bool]:
-        """Create or replace deployment ``name``; returns (row, created).
+        """Create or replace deployment ``name`` of ``project_id``; returns (row, created).
 
         Raises:
             NotDeployable: ``model`` is no known model id.
+            DeploymentNameTaken: another project has a deployment of that name.
         """
         if self.store.get(ModelRow, model) is None:
             raise NotDeployable(model)
         old = self.store.get(DeploymentRow, name)
-        if old is not None and old.model != model:
-            self._release(old.model, keep=name)
         row = DeploymentRow(
             name=name,
+            project_id=project_id,
             scope=scope,
-            created_at=old.created_at if old else now(),
+            created_at=now(),
             model=model,
             model_format=fmt,
             model_version=version,
             sku=sku,
             state=DeploymentState.CREATING,
         )
-        self.store.put(row)
+        row, created = self.store.upsert_deployment(row)  # atomic: concurrent PUTs of one name create it once
+        if old is not None and old.model != model and old.project_id == project_id:
+            self._release(old.model, keep=name)
         threading.Thread(target=self._load, args=(name, model), daemon=True).start()
-        return row, old is None
+        return row, created
 
     def delete(self, name: str) -> DeploymentRow:
         row = self.get(name)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+TEMP_PREFIX = ".upload-"
 
 
 class TooLarge(Exception):
@@ -19,6 +22,18 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self._temp = f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+    def sweep_abandoned(self) -> int:
+        """Delete the partial uploads of processes on this host that died mid-upload (killed, a
+        power cut); returns how many. Uploads in progress elsewhere are left alone."""
+        host, swept = socket.gethostname(), 0
+        for tmp in self.root.glob(f"{TEMP_PREFIX}{host}-*"):
+            pid = tmp.name.removeprefix(f"{TEMP_PREFIX}{host}-").split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                swept += 1
+        return swept
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -29,7 +44,7 @@ class BlobStore:
         Raises:
             TooLarge: more than ``limit`` bytes arrived; nothing is left behind.
         """
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=self._temp)
         size = 0
         try:
             with os.fdopen(fd, "wb") as out:
@@ -50,3 +65,13 @@ class BlobStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -14,15 +14,36 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from filelock import FileLock
-from sqlalchemy import create_engine, event, inspect, or_, select, text, update
+from sqlalchemy import create_engine, delete, event, inspect, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunelab.store.lifecycle import ACTIVE, HELD, JobStatus
-from tunelab.store.tables import DeploymentRow, DeploymentState, EventRow, FileRow, JobRow, ModelRow, SettingRow
+from tunelab.store.tables import (
+    ApiKeyRow,
+    DeploymentRow,
+    DeploymentState,
+    EventRow,
+    FileRow,
+    JobRow,
+    ModelRow,
+    ProjectRow,
+    SettingRow,
+    WorkerRow,
+)
 
-Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow)
-Listed = TypeVar("Listed", FileRow, JobRow)  # rows paged by (created_at, id)
+Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow, ApiKeyRow, ProjectRow, WorkerRow)
+Listed = TypeVar("Listed", FileRow, JobRow)  # rows paged by their creation sequence
+
+
+class DeploymentNameTaken(Exception):
+    """The deployment name belongs to another project (names are unique on the server)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 def new_id(prefix: str) -> str:
@@ -101,6 +122,23 @@ class Store:
             s.add(row)
         return row
 
+    def add_in_order(self, row: Listed) -> Listed:
+        """Insert a file or job row; its ``seq`` is the next in the table (see ``tables._next_seq``).
+
+        On PostgreSQL two concurrent inserts may pick the same number; the unique index refuses the
+        second, which tries again with the next one.
+        """
+        for attempt in range(10):
+            try:
+                with self.session() as s:
+                    s.add(row)
+                return row
+            except IntegrityError:
+                if attempt == 9 or self.get(type(row), row.id) is not None:
+                    raise
+                row.seq = None  # type: ignore[assignment]  # let the default pick again
+        raise AssertionError("unreachable")
+
     def put(self, row: Any) -> Any:
         """Insert or replace by primary key (a resumed or restarted job writes its checkpoints again)."""
         with self.session() as s:
@@ -127,22 +165,18 @@ class Store:
         newest_first: bool = True,
         where: Sequence[Any] = (),
     ) -> tuple[list[Listed], bool]:
-        """One page of rows ordered by (created_at, id), after the row with id ``after``."""
+        """One page of rows in creation order (``seq``), after the row with id ``after``.
+
+        An ``after`` that names no row (or one outside ``where``) starts from the beginning, as
+        OpenAI's cursors do for an unknown id.
+        """
         with self.session() as s:
             q = select(cls).where(*where)
-            key = (cls.created_at, cls.id)
             if after is not None:
-                anchor = s.get(cls, after)
+                anchor = s.scalar(select(cls.seq).where(cls.id == after, *where))
                 if anchor is not None:
-                    pivot = (anchor.created_at, anchor.id)
-                    cmp = (
-                        (cls.created_at < pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id < pivot[1]))
-                        if newest_first
-                        else (cls.created_at > pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id > pivot[1]))
-                    )
-                    q = q.where(cmp)
-            order = [k.desc() for k in key] if newest_first else list(key)
-            rows = list(s.scalars(q.order_by(*order).limit(limit + 1)))
+                    q = q.where(cls.seq < anchor if newest_first else cls.seq > anchor)
+            rows = list(s.scalars(q.order_by(cls.seq.desc() if newest_first else cls.seq).limit(limit + 1)))
             return rows[:limit], len(rows) > limit
 
     # -- settings ------------------------------------------------------------------------------
@@ -160,17 +194,23 @@ class Store:
                 return value
             return row.value
 
+    def delete_setting(self, key: str) -> None:
+        with self.session() as s:
+            s.execute(delete(SettingRow).where(SettingRow.key == key))
+
     # -- jobs ----------------------------------------------------------------------------------
     def update_job(
         self,
         job_id: str,
         *,
         only_if_status: Collection[JobStatus] | None = None,
+        only_if_worker: str | None = None,
         event: str | None = None,
         event_level: str = "info",
         **values: Any,
     ) -> bool:
-        """Conditional update; False when the job is gone or not in one of ``only_if_status``.
+        """Conditional update; False when the job is gone, not in one of ``only_if_status``, or
+        (``only_if_worker``) held by another worker.
 
         ``event``, if given, is recorded in the same transaction, only when the update happened.
         Status changes go through ``tunelab.store.lifecycle``, which calls this.
@@ -179,6 +219,8 @@ class Store:
             q = update(JobRow).where(JobRow.id == job_id)
             if only_if_status is not None:
                 q = q.where(JobRow.status.in_(only_if_status))
+            if only_if_worker is not None:
+                q = q.where(JobRow.worker_id == only_if_worker)
             result = cast(CursorResult[Any], s.execute(q.values(**values)))
             if result.rowcount != 1:
                 return False
@@ -199,14 +241,24 @@ class Store:
                 return self.get(JobRow, job_id)
         return None
 
-    def jobs_held(self) -> list[JobRow]:
-        """Jobs a worker holds: running, or pausing (running until the worker has saved its state)."""
+    def jobs_held(self, worker_id: str | None = None) -> list[JobRow]:
+        """Jobs a worker holds (``worker_id``'s, or any): running, or pausing (running until the
+        worker has saved its state)."""
         with self.session() as s:
-            return list(s.scalars(select(JobRow).where(JobRow.status.in_(HELD))))
+            q = select(JobRow).where(JobRow.status.in_(HELD))
+            if worker_id is not None:
+                q = q.where(JobRow.worker_id == worker_id)
+            return list(s.scalars(q))
 
     def job_status(self, job_id: str) -> JobStatus | None:
         with self.session() as s:
             return s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+
+    def job_holder(self, job_id: str) -> tuple[JobStatus, str | None] | None:
+        """The job's status and the worker that holds it (None when none does); None when gone."""
+        with self.session() as s:
+            row = s.execute(select(JobRow.status, JobRow.worker_id).where(JobRow.id == job_id)).first()
+            return None if row is None else (row[0], row[1])
 
     def active_job_using(self, file_id: str) -> str | None:
         with self.session() as s:
@@ -259,6 +311,64 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at)))
 
+    def upsert_deployment(self, row: DeploymentRow) -> tuple[DeploymentRow, bool]:
+        """Create deployment ``row.name`` or replace it (keeping its ``created_at``), atomically:
+        however many requests race for one name, one creates it and the others replace it.
+
+        Returns the stored row and whether it was created.
+
+        Raises:
+            DeploymentNameTaken: another project has a deployment of that name.
+        """
+        values = {c.key: getattr(row, c.key) for c in DeploymentRow.__table__.columns}
+        with self.session() as s:
+            insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(DeploymentRow)
+            # RETURNING says whether the row went in (rowcount of an ignored INSERT is not portable).
+            inserted = insert.values(**values).on_conflict_do_nothing(index_elements=["name"])
+            created = s.execute(inserted.returning(DeploymentRow.name)).first() is not None
+            if not created:
+                changes = {k: v for k, v in values.items() if k not in ("name", "created_at")}
+                replaced = cast(
+                    CursorResult[Any],
+                    s.execute(
+                        update(DeploymentRow)
+                        .where(DeploymentRow.name == row.name, DeploymentRow.project_id == row.project_id)
+                        .values(**changes)
+                    ),
+                ).rowcount
+                if not replaced:
+                    raise DeploymentNameTaken(row.name)
+            stored = s.get(DeploymentRow, row.name, populate_existing=True)
+            assert stored is not None
+            return stored, bool(created)
+
     def set_deployment_state(self, name: str, state: DeploymentState, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(DeploymentRow).where(DeploymentRow.name == name).values(state=state, error=error))
+
+    # -- workers -------------------------------------------------------------------------------
+    def beat(self, worker_id: str, *, host: str, pid: int, job_id: str | None) -> None:
+        """Record that ``worker_id`` is alive (and which job it trains); registers it the first time."""
+        with self.session() as s:
+            row = s.get(WorkerRow, worker_id)
+            if row is None:
+                s.add(WorkerRow(id=worker_id, host=host, pid=pid, started_at=now(), heartbeat_at=now(), job_id=job_id))
+            else:
+                row.heartbeat_at, row.job_id = now(), job_id
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self.session() as s:
+            s.execute(delete(WorkerRow).where(WorkerRow.id == worker_id))
+
+    def workers(self, *, beat_since: int | None = None) -> list[WorkerRow]:
+        """Registered workers; with ``beat_since``, those that beat at or after that time."""
+        with self.session() as s:
+            q = select(WorkerRow).order_by(WorkerRow.started_at)
+            if beat_since is not None:
+                q = q.where(WorkerRow.heartbeat_at >= beat_since)
+            return list(s.scalars(q))
+
+    def ping(self) -> None:
+        """Raises if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))

@@ -54,7 +54,7 @@ ACTIVE = frozenset(JobStatus) - FINISHED
 def create(store: Store, job: JobRow, message: str) -> JobRow:
     """Record a new job in ``validating_files`` with its first event."""
     job.status = JobStatus.VALIDATING_FILES
-    store.add(job)
+    store.add_in_order(job)
     store.add_event(job.id, message)
     return job
 
@@ -86,14 +86,16 @@ def pause(store: Store, job_id: str) -> bool:
     )
 
 
-def paused(store: Store, job_id: str, step: int) -> bool:
-    """pausing → paused: the worker has saved the state after ``step`` and lets the job go."""
+def paused(store: Store, job_id: str, step: int | None) -> bool:
+    """pausing → paused: the worker has saved the state after ``step`` (None: it stopped while
+    setting up, before a step) and lets the job go."""
+    where = "while setting up" if step is None else f"after step {step}"
     return store.update_job(
         job_id,
         only_if_status=[JobStatus.PAUSING],
         status=JobStatus.PAUSED,
         worker_id=None,
-        event=f"Job paused after step {step}; resume it to go on from there",
+        event=f"Job paused {where}; resume it to go on from there",
     )
 
 
@@ -115,14 +117,16 @@ def cancel(store: Store, job_id: str, now: int) -> bool:
     )
 
 
-def requeue(store: Store, job_id: str, reason: str) -> bool:
+def requeue(store: Store, job_id: str, reason: str, *, worker_id: str | None = None) -> bool:
     """running → queued, when its worker stops (``reason`` says why); pausing → paused likewise.
 
-    The next worker goes on from the state the stopping worker saved, if it saved one.
+    With ``worker_id``, only while that worker still holds the job (a job re-queued for a dead
+    worker may already run on another). The next worker goes on from the last state saved.
     """
     return store.update_job(
         job_id,
         only_if_status=[JobStatus.RUNNING],
+        only_if_worker=worker_id,
         status=JobStatus.QUEUED,
         worker_id=None,
         event=f"{reason}; the job is queued again",
@@ -130,6 +134,7 @@ def requeue(store: Store, job_id: str, reason: str) -> bool:
     ) or store.update_job(
         job_id,
         only_if_status=[JobStatus.PAUSING],
+        only_if_worker=worker_id,
         status=JobStatus.PAUSED,
         worker_id=None,
         event=f"{reason}; the job is paused",

@@ -8,19 +8,34 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tunelab.store.lifecycle import JobStatus
+
+DEFAULT_PROJECT = "proj-default"
+"""The project of an install from before projects existed, and of the admin key's own work."""
 
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+def _next_seq(table: str) -> Any:
+    """A column default: one more than the table's largest ``seq``, computed inside the INSERT.
+
+    Lists are ordered by it, so rows created in the same second keep the order they were created
+    in (ids are random). SQLite serialises writers; on PostgreSQL two concurrent inserts can pick
+    the same number, and the unique index makes the loser retry (``Store.add_in_order``).
+    """
+    return text(f"(SELECT COALESCE(MAX(seq), 0) + 1 FROM {table})")
+
+
 class FileRow(Base):
     __tablename__ = "files"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True, default=_next_seq("files"))
+    project_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_PROJECT)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     filename: Mapped[str] = mapped_column(String(512))
     purpose: Mapped[str] = mapped_column(String(64), index=True)
@@ -34,6 +49,8 @@ class FileRow(Base):
 class JobRow(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True, default=_next_seq("jobs"))
+    project_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_PROJECT)
     created_at: Mapped[int] = mapped_column(BigInteger, index=True)
     model: Mapped[str] = mapped_column(String(256))
     training_file: Mapped[str] = mapped_column(String(64))
@@ -76,6 +93,8 @@ class ModelRow(Base):
 
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    """The project of a fine-tuned model or checkpoint; None for base models, which every project shares."""
     created_at: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))  # base | fine-tuned | checkpoint
     owned_by: Mapped[str] = mapped_column(String(128))
@@ -98,7 +117,9 @@ class DeploymentState(enum.StrEnum):
 
 class DeploymentRow(Base):
     __tablename__ = "deployments"
+    # Names are unique on the server (as they are in one Azure account); each belongs to one project.
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_PROJECT)
     scope: Mapped[str] = mapped_column(Text)  # the management-plane path it was created under
     created_at: Mapped[int] = mapped_column(BigInteger)
     model: Mapped[str] = mapped_column(String(512))
@@ -115,3 +136,38 @@ class SettingRow(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class ProjectRow(Base):
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    archived_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ApiKeyRow(Base):
+    """An API key, by its digest (store/keys.py); the key itself is shown once and never stored."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None: an admin key
+    role: Mapped[str] = mapped_column(String(16))  # admin | owner | member | inference
+    name: Mapped[str] = mapped_column(String(256))
+    redacted_value: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class WorkerRow(Base):
+    """A live training worker: it beats every few seconds; one whose beat lapsed is dead."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid, as jobs.worker_id
+    host: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    heartbeat_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

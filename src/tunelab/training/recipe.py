@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from tunelab.data.formats import iter_chat_examples
 from tunelab.data.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
-from tunelab.models.folder import LoraSettings, context_length, eos_ids, resolve_device
+from tunelab.models.folder import LoraSettings, context_length, eos_ids, hidden_size, resolve_device
 from tunelab.training import hparams, resume
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, token_losses
@@ -60,6 +60,7 @@ WARMUP_FRACTION = 0.03  # of all steps, linear warmup, then linear decay to 0
 MAX_GRAD_NORM = 1.0
 VALID_POINTS = 10  # valid_loss on a sample about this many times per run
 SMOKE_PROMPTS, SMOKE_MAX_NEW_TOKENS = 3, 64
+STOP_CHECK_EXAMPLES = 256  # while tokenizing, ask should_stop every this many examples
 
 
 @dataclass
@@ -73,8 +74,8 @@ class TrainSpec:
     validation_file: Path | None
     """Chat JSONL for valid_* metrics and the smoke test; optional."""
     output_dir: Path
-    """Everything the job writes: results.csv, checkpoints/, final/; resume.pt while paused
-    (``train`` goes on from it when it is there)."""
+    """Everything the job writes: results.csv, checkpoints/, final/; resume.pt while paused or
+    unfinished (``train`` goes on from it when it is there)."""
     seed: int
     """Seeds LoRA init, shuffling and dropout: same seed and inputs give the same losses (CPU)."""
     hyperparameters: hparams.JobSpec = field(default_factory=hparams.JobSpec)
@@ -97,6 +98,10 @@ class TrainSpec:
     machine, leave it a core: on 2 cores with one busy neighbour a LoRA step of SmolLM2-135M took
     46 s with 2 threads and 1.3 s with 1 (idle machine: 2 threads ~1.1 s). The thread count
     changes float rounding, so bitwise reproducibility holds for the same count."""
+    resume_every: float | None = None
+    """Save the resumable state (resume.pt, as a pause does) at every epoch end and at least this
+    often, in seconds, so that a run killed outright goes on from its last save; None = only
+    when paused."""
 
 
 @dataclass
@@ -118,10 +123,13 @@ class Cancelled(Exception):
 
 
 class Paused(Exception):
-    """``hooks.should_stop()`` returned ``Stop.PAUSE``: the state is saved; ``train`` again to go on."""
+    """``hooks.should_stop()`` returned ``Stop.PAUSE``: the state is saved; ``train`` again to go on.
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"paused after step {step}")
+    ``step`` is the last step trained; None when it stopped while setting up (any state an earlier
+    run saved is still there)."""
+
+    def __init__(self, step: int | None) -> None:
+        super().__init__("paused while setting up" if step is None else f"paused after step {step}")
         self.step = step
 
 
@@ -139,11 +147,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         Paused: ``hooks.should_stop()`` returned ``Stop.PAUSE``; the state is saved for the next ``train``.
         TrainingError: bad data or hyperparameters, out of memory; the message is for the user.
     """
-    # -- setup -----------------------------------------------------------------------------------
+    # -- setup: should_stop is asked between phases and while tokenizing -------------------------
     if spec.init_adapter is not None:
         spec = _continue_adapter(spec, spec.init_adapter)
     device = _device(spec.device)
     set_seed(spec.seed)
+    _stop_point(hooks)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     max_length = spec.max_length or context_length(spec.base_model_dir)
     train_set = _load_examples(spec.training_file, tokenizer, max_length, hooks, "training")
@@ -151,6 +160,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     if spec.validation_file is not None:
         valid_set = _load_examples(spec.validation_file, tokenizer, max_length, hooks, "validation")
     hp = _hyperparameters(spec, train_set)
+    _stop_point(hooks)
 
     steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
@@ -165,6 +175,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
     with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set):
         model = _load_model(spec, device, hp)
+        _stop_point(hooks)
         hp = replace(hp, lora_target_modules=_lora_targets(model))
         resolved = hp.as_dict()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -172,8 +183,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=True)
         warmup_steps = math.ceil(WARMUP_FRACTION * total_steps)
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-        plan = _step_plan(len(train_set), hp.batch_size, hp.n_epochs, spec.seed)
         loop = _resume(spec, model, optimizer, scheduler, resolved)
+        plan = _step_plan(len(train_set), hp.batch_size, hp.n_epochs, spec.seed, start=loop.step)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         meta = {"method": hp.method, "base_model_dir": str(spec.base_model_dir), "seed": spec.seed,
                 "hyperparameters": resolved}  # fmt: skip
@@ -183,11 +194,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
         # -- train -----------------------------------------------------------------------------------
         earlier = _read_results(results_csv, upto=loop.step)  # a resumed run keeps the rows it had
+        saved_at = time.monotonic()
         with results_csv.open("w", newline="") as f:
             results = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             results.writeheader()
             results.writerows(earlier)
-            for step, batch_ids in enumerate(plan[loop.step :], start=loop.step + 1):
+            for step, batch_ids in plan:
                 stop = hooks.should_stop()
                 if stop is Stop.PAUSE:
                     resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
@@ -235,6 +247,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     )
                     _save(model, tokenizer, ckpt.path, meta)
                     _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
+
+                # -- crash safety: the state a pause would save, at epoch ends and every so often ---
+                due = spec.resume_every is not None and time.monotonic() - saved_at >= spec.resume_every
+                if spec.resume_every is not None and step < total_steps and (end_of_epoch or due):
+                    resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    saved_at = time.monotonic()
 
         final_dir = spec.output_dir / "final"
         _save(model, tokenizer, final_dir, meta)
@@ -285,11 +303,28 @@ def _hyperparameters(spec: TrainSpec, train_set: list[TokenizedExample]) -> hpar
     if spec.cpu_threads is not None and spec.cpu_threads < 1:
         raise TrainingError(f"cpu_threads must be an integer >= 1 or None, got {spec.cpu_threads!r}")
     try:
-        return hparams.resolve(
+        hp = hparams.resolve(
             spec.hyperparameters, n_examples=len(train_set), mean_tokens=sum(map(len, train_set)) / len(train_set)
         )
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    width = hidden_size(spec.base_model_dir)
+    if hp.method == "lora" and width is not None and hp.lora_rank > width:
+        raise TrainingError(f"lora_rank must be at most the model's hidden size ({width}), got {hp.lora_rank}")
+    return hp
+
+
+def _stop_point(hooks: TrainHooks) -> None:
+    """Before training starts: stop now if the job was cancelled or is to pause (nothing to save yet).
+
+    Raises:
+        Cancelled, Paused: as ``hooks.should_stop()`` says (``Paused.step`` is None).
+    """
+    stop = hooks.should_stop()
+    if stop is Stop.CANCEL:
+        raise Cancelled("cancelled while setting up")
+    if stop is Stop.PAUSE:
+        raise Paused(None)
 
 
 def _load_examples(
@@ -297,7 +332,9 @@ def _load_examples(
 ) -> list[TokenizedExample]:
     """Tokenize a chat file; examples with nothing to train on are dropped with a warning."""
     examples, truncated, empty = [], 0, 0
-    for line_no, example in _read_chats(path, kind):
+    for n, (line_no, example) in enumerate(_read_chats(path, kind), start=1):
+        if n % STOP_CHECK_EXAMPLES == 0:
+            _stop_point(hooks)
         try:
             tokenized = tokenize_chat(tokenizer, example["messages"], max_length, tools=example.get("tools"))
         except TemplateError as e:
@@ -318,9 +355,9 @@ def _load_examples(
     return examples
 
 
-def _read_chats(path: Path, kind: str) -> list[tuple[int, dict[str, Any]]]:
+def _read_chats(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        return list(iter_chat_examples(path))
+        yield from iter_chat_examples(path)
     except ValueError as e:  # the file was validated at upload; this is a file changed since
         raise TrainingError(f"the {kind} file cannot be read: {e}") from None
 
@@ -400,14 +437,22 @@ def _out_of_memory_is_an_error(hp: hparams.Hyperparameters, train_set: list[Toke
 
 
 # -- train helpers ---------------------------------------------------------------------------------
-def _step_plan(n_examples: int, batch_size: int, n_epochs: int, seed: int) -> list[list[int]]:
-    """The example indices of every optimizer step of the run: a seeded shuffle per epoch."""
+def _step_plan(
+    n_examples: int, batch_size: int, n_epochs: int, seed: int, start: int = 0
+) -> Iterator[tuple[int, list[int]]]:
+    """(step, example indices) of each optimizer step after step ``start``, made as they are needed.
+
+    Each epoch is a seeded shuffle, drawn when the epoch begins; a run that starts at a later
+    step draws (and skips) the earlier epochs' shuffles, so every run of a seed sees one order.
+    Nothing here grows with ``n_epochs``.
+    """
     shuffle = torch.Generator().manual_seed(seed)
-    plan = []
-    for _ in range(n_epochs):
-        order = torch.randperm(n_examples, generator=shuffle).tolist()
-        plan += [order[start : start + batch_size] for start in range(0, n_examples, batch_size)]
-    return plan
+    steps_per_epoch = math.ceil(n_examples / batch_size)
+    for epoch in range(n_epochs):
+        order = torch.randperm(n_examples, generator=shuffle)
+        first = epoch * steps_per_epoch + 1
+        for i in range(max(0, start + 1 - first), steps_per_epoch):
+            yield first + i, order[i * batch_size : (i + 1) * batch_size].tolist()
 
 
 def _resume(spec: TrainSpec, model: Model, optimizer, scheduler, resolved: dict) -> resume.LoopState:
@@ -426,8 +471,13 @@ def _read_results(path: Path, upto: int) -> list[dict[str, str]]:
     """The results.csv rows of steps 1..``upto`` (what a resumed run keeps)."""
     if upto == 0 or not path.is_file():
         return []
+    kept: list[dict[str, str]] = []
     with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
+        for row in csv.DictReader(f):  # steps 1, 2, ... in order; a run killed mid-write may leave a torn last row
+            if len(kept) == upto or row.get("step") != str(len(kept) + 1):
+                break
+            kept.append(row)
+    return kept
 
 
 def _train_step(model: Model, batch: list[TokenizedExample], device: torch.device) -> tuple[float, float, int]:

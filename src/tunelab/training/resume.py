@@ -1,9 +1,11 @@
 """A paused job's training state: enough to go on at the next step as if it had never stopped.
 
 One file, ``resume.pt`` in the job's output folder, written when a job is paused (or its worker
-shuts down) and read when the job runs again. It holds what the step loop cannot rebuild from the
-job spec: the trainable weights, the optimizer and LR-scheduler state, the RNG state, and the
-loop's counters. Everything else (data order, validation sample) is a function of the seed.
+shuts down), at every epoch end and every ``TUNELAB_RESUME_EVERY`` seconds (so that a worker
+killed outright loses at most that much), and read when the job runs again. It holds what the
+step loop cannot rebuild from the job spec: the trainable weights, the optimizer and
+LR-scheduler state, the RNG state, and the loop's counters. Everything else (data order,
+validation sample) is a function of the seed.
 On CPU a paused and resumed run gives bitwise the same losses as one that never paused.
 """
 
@@ -36,7 +38,7 @@ def save(
     loop: LoopState,
     hyperparameters: dict,
 ) -> Path:
-    """Write the state atomically (a file that exists is complete)."""
+    """Write the state atomically and durably: a file that exists is complete, also after a power cut."""
     state = {
         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
@@ -51,9 +53,22 @@ def save(
         "hyperparameters": hyperparameters,
     }
     path, tmp = folder / FILENAME, folder / (FILENAME + ".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(folder)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exists(folder: Path) -> bool:

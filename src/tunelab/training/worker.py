@@ -10,8 +10,10 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import Settings
@@ -38,6 +40,8 @@ class JobHooks:
     def __init__(self, store: Store, job: JobRow, ft_model: str, base_model: str, worker: Worker) -> None:
         self.store, self.job, self.ft_model, self.base_model, self.worker = store, job, ft_model, base_model, worker
         self._checked, self._stop = 0.0, Stop.GO_ON
+        self.lost = False
+        """The job was given to another worker while this one ran it (its heartbeat had lapsed)."""
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         self.store.add_event(self.job.id, message, level=level, data=data)
@@ -60,6 +64,7 @@ class JobHooks:
                 base_model=self.base_model,
                 method=method_of(ckpt.path),
                 job_id=self.job.id,
+                project_id=self.job.project_id,
                 step=ckpt.step,
                 checkpoint_id=new_id("ftckpt"),
                 metrics={"step": ckpt.step, **ckpt.metrics},
@@ -73,8 +78,13 @@ class JobHooks:
         # One indexed read per second at most: cancel and pause land within a step or a second.
         if self._stop is Stop.GO_ON and time.monotonic() - self._checked > 1.0:
             self._checked = time.monotonic()
-            status = self.store.job_status(self.job.id)
-            if status is JobStatus.PAUSING or (status is JobStatus.RUNNING and self.worker.stopping()):
+            status, holder = self.store.job_holder(self.job.id) or (None, None)
+            if status not in (None, JobStatus.CANCELLED) and holder != self.worker.id:
+                # The job was queued again (our heartbeat lapsed), maybe claimed by another worker
+                # already: stop, and touch neither the job nor its folder (the next worker's now).
+                self.lost = True
+                self._stop = Stop.CANCEL
+            elif status is JobStatus.PAUSING or (status is JobStatus.RUNNING and self.worker.stopping()):
                 self._stop = Stop.PAUSE  # a worker shutting down pauses its job too, and queues it again
             elif status is not JobStatus.RUNNING:
                 self._stop = Stop.CANCEL
@@ -97,13 +107,24 @@ def fine_tuned_model_id(job: JobRow, base_model: str) -> str:
 
 
 class Worker:
+    """Claims and trains jobs; beats in the store so that others know it is alive.
+
+    A worker that dies leaves its job ``running``: the next worker to start on the same host
+    sees its process is gone, and any worker sees its heartbeat lapse; either puts the job back in
+    the queue, and the worker that claims it goes on from the job's last saved state.
+    """
+
     def __init__(self, settings: Settings, parent_pid: int | None = None) -> None:
         self.settings = settings
         self.store = Store(settings.db_url)
         self.blobs = BlobStore(settings.blob_path)
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.id = f"{self.host}:{self.pid}"
         self.parent_pid = parent_pid
         self._signalled = False
+        self.job_id: str | None = None
+        """The job being trained, reported with each heartbeat."""
+        self._beating = threading.Event()
 
     def stopping(self) -> bool:
         """SIGTERM/SIGINT received, or (embedded worker) the server is gone."""
@@ -115,10 +136,36 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info("worker %s polling %s", self.id, self.settings.db_url)
-        self.requeue_orphans()
-        while not self.stopping():
-            if not self.run_once():
-                time.sleep(self.settings.worker_poll_seconds)
+        self.beat()
+        heart = threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True)
+        heart.start()
+        try:
+            self.requeue_orphans()
+            self.drop_stale_resume_states()
+            tidied = time.monotonic()
+            while not self.stopping():
+                if self.run_once():
+                    self.drop_stale_resume_states()
+                else:
+                    time.sleep(self.settings.worker_poll_seconds)
+                if time.monotonic() - tidied > self.settings.worker_heartbeat_seconds:
+                    self.requeue_orphans()
+                    tidied = time.monotonic()
+        finally:
+            self._beating.set()
+            heart.join(timeout=5)
+            self.store.forget_worker(self.id)
+
+    def beat(self) -> None:
+        self.store.beat(self.id, host=self.host, pid=self.pid, job_id=self.job_id)
+
+    def _beat_forever(self) -> None:
+        """On its own thread: a training step may take minutes, the heartbeat may not."""
+        while not self._beating.wait(self.settings.worker_heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception:  # the database is away for a moment: the next beat tries again
+                log.warning("worker %s could not record its heartbeat", self.id, exc_info=True)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self._signalled and signum == signal.SIGINT:
@@ -127,19 +174,59 @@ class Worker:
         log.info("worker %s stopping: a running job is paused after its current step and queued again", self.id)
 
     def requeue_orphans(self) -> None:
-        """Jobs held by a dead worker on this host: running ones go back to the queue, pausing ones are paused."""
-        host = socket.gethostname()
+        """Jobs held by a dead worker go back to the queue (pausing ones are paused).
+
+        A worker is dead when it is on this host and its process is gone, or when its heartbeat
+        is older than ``worker_timeout_seconds`` (any host), or when a job has been held for that
+        long by a worker that never registered. Each requeue is conditional on the dead worker
+        still holding the job, so two workers tidying at once requeue it once.
+        """
+        lapse = now() - self.settings.worker_timeout_seconds
+        registered = {w.id: w for w in self.store.workers()}
         for job in self.store.jobs_held():
-            owner, _, pid = (job.worker_id or "").rpartition(":")
-            if owner == host and pid.isdigit() and not _alive(int(pid)):
-                lifecycle.requeue(self.store, job.id, "The worker running this job stopped")
+            holder = job.worker_id or ""
+            owner, _, pid = holder.rpartition(":")
+            worker = registered.get(holder)
+            if holder == self.id:
+                continue
+            if owner == self.host and pid.isdigit() and not _alive(int(pid)):
+                reason = f"The worker running this job ({holder}) stopped"
+            elif worker is not None and worker.heartbeat_at < lapse:
+                reason = f"The worker running this job ({holder}) stopped sending heartbeats"
+            elif worker is None and (job.started_at or 0) < lapse:
+                reason = f"The worker running this job ({holder}) is not registered"
+            else:
+                continue
+            lifecycle.requeue(self.store, job.id, reason, worker_id=job.worker_id)
+        for worker in registered.values():
+            if worker.id != self.id and worker.heartbeat_at < lapse:
+                self.store.forget_worker(worker.id)
+
+    def drop_stale_resume_states(self) -> None:
+        """A finished job (cancelled while paused, say) keeps no resumable state on disk."""
+        from tunelab.training import resume
+
+        jobs_path: Path = self.settings.jobs_path
+        if not jobs_path.is_dir():
+            return
+        for folder in jobs_path.iterdir():
+            if resume.exists(folder):
+                status = self.store.job_status(folder.name)
+                if status is None or status.is_finished:
+                    resume.remove(folder)
 
     def run_once(self) -> bool:
         """Claim and run one job; False when none was queued."""
         job = lifecycle.claim(self.store, self.id)
         if job is None:
             return False
-        self._run(job)
+        self.job_id = job.id
+        self.beat()
+        try:
+            self._run(job)
+        finally:
+            self.job_id = None
+            self.beat()
         return True
 
     def _run(self, job: JobRow) -> None:
@@ -155,7 +242,8 @@ class Worker:
             return self._fail(job, "model_not_available", f"The model {job.model} cannot be loaded: {exc}")
         ft_model = fine_tuned_model_id(job, source.base_model)
         hooks = JobHooks(self.store, job, ft_model, source.base_model, self)
-        resuming = resume.exists(self.settings.jobs_path / job.id)
+        output_dir = self.settings.jobs_path / job.id
+        resuming = resume.exists(output_dir)
         hooks.event(f"Fine-tuning job {'resumed' if resuming else 'started'} on worker {self.id}")
         tracker = self._tracker(job, ft_model, hooks, resuming)
         try:
@@ -165,20 +253,27 @@ class Worker:
         except Paused as stop:
             tracker.finish(JobStatus.PAUSED)
             if not lifecycle.paused(self.store, job.id, stop.step):  # not asked to pause: the worker stops
+                when = "while setting up" if stop.step is None else f"after step {stop.step}"
                 lifecycle.requeue(
-                    self.store, job.id, f"Training stopped after step {stop.step}: the worker is shutting down"
+                    self.store, job.id, f"Training stopped {when}: the worker is shutting down", worker_id=self.id
                 )
             return
         except Cancelled:
+            if hooks.lost:  # another worker has the job now; its folder is that worker's
+                log.warning("job %s went to another worker while %s ran it; stopped", job.id, self.id)
+                return
             hooks.event("Training stopped: the job was cancelled")
             tracker.finish(JobStatus.CANCELLED)
+            resume.remove(output_dir)
             return
         except TrainingError as exc:
             tracker.finish(JobStatus.FAILED)
+            resume.remove(output_dir)
             return self._fail(job, "training_failed", str(exc))
         except Exception as exc:  # a bug or a broken environment: fail the job, keep the worker
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
             tracker.finish(JobStatus.FAILED)
+            resume.remove(output_dir)
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
         self._succeed(job, ft_model, source, result, tracker)
 
@@ -223,18 +318,36 @@ class Worker:
             hyperparameters=JobSpec.from_json(job.hyperparameters),
             device=self.settings.device,
             cpu_threads=self.settings.train_threads,
+            resume_every=self.settings.resume_every,
         )
 
     def _check_lengths(self, spec: TrainSpec, hooks: JobHooks, tracker: JobTracker) -> None:
-        """Job-start validation with the base model's own tokenizer: warn what will be truncated."""
+        """Job-start validation with the base model's own tokenizer: warn what will be truncated.
+
+        Asks ``should_stop`` about every megabyte of the file, so a cancel or pause lands within
+        seconds however big the file is.
+
+        Raises:
+            Cancelled, Paused: the job was cancelled or is to pause meanwhile.
+        """
         from transformers import AutoTokenizer
 
-        from tunelab.data.validate import validate_file
+        from tunelab.data.validate import Stopped, validate_file
+        from tunelab.training.recipe import Cancelled, Paused
 
         tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
-        report = validate_file(
-            spec.training_file, encodings=(), tokenizer=tokenizer, max_tokens=context_length(spec.base_model_dir)
-        )
+        try:
+            report = validate_file(
+                spec.training_file,
+                encodings=(),
+                tokenizer=tokenizer,
+                max_tokens=context_length(spec.base_model_dir),
+                should_stop=lambda: hooks.should_stop() is not Stop.GO_ON,
+            )
+        except Stopped:
+            if hooks.should_stop() is Stop.PAUSE:
+                raise Paused(None) from None
+            raise Cancelled("cancelled while setting up") from None
         for warning in report.warnings:
             hooks.event(f"Training file: {warning.message}", level="warn")
         tracker.log_params({"training_examples": report.examples})
@@ -256,9 +369,10 @@ class Worker:
 
         results_id = new_id("file")
         size = self.blobs.copy_in(results_id, result.results_csv)
-        self.store.add(
+        self.store.add_in_order(
             FileRow(
                 id=results_id,
+                project_id=job.project_id,
                 created_at=now(),
                 filename="results.csv",
                 purpose="fine-tune-results",
@@ -277,6 +391,7 @@ class Worker:
                 base_model=source.base_model,
                 method=method_of(result.final_dir),
                 job_id=job.id,
+                project_id=job.project_id,
             )
         )
         self.store.add_event(job.id, f"New fine-tuned model created: {ft_model}")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse
 
-from tunelab.api.deps import State, authenticate
+from tunelab.api.deps import Role, State, authenticate
 from tunelab.api.errors import Unauthorized
 from tunelab.ui.render import PageRoute, page, redirect
 from tunelab.ui.session import LOGIN_REASONS, Checked, clear_cookie, new_session, same_origin, set_cookie
@@ -34,6 +34,9 @@ def login(request: Request, state: State, key: Annotated[str, Form()] = "", next
     except Unauthorized:
         error = "That API key was not accepted. Use a key of this server (TUNELAB_API_KEY, or the one it printed)."
         return page(request, "login.html", {"notice": None, "error": error, "next": _safe_next(next)}, 401)
+    if principal.role is Role.INFERENCE:
+        error = "This key may only call chat completions (role 'inference'): log in with a member, owner or admin key."
+        return page(request, "login.html", {"notice": None, "error": error, "next": _safe_next(next)}, 403)
     response = redirect(request, _safe_next(next))
     set_cookie(request, response, request.app.state.console_sessions, new_session(principal))
     return response

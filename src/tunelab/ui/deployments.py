@@ -29,7 +29,7 @@ class DeploymentForm(BaseModel):
 
 def _table(request: Request, state: AppState, caller: Principal) -> dict[str, Any]:
     base = str(request.base_url).rstrip("/")
-    listed = deployments.list_deployments(state, caller)["value"]
+    listed = [d.model_dump() for d in deployments.deployments_of(state, caller)]
     rows = [(d, views.sdk_chat_call(d["name"], base)) for d in listed]
     loading = any(d["properties"]["provisioningState"] == "Creating" for d in listed)
     return {"rows": rows, "loading": loading, "base": base, "scope": SCOPE}
@@ -66,6 +66,6 @@ def create(request: Request, state: State, session: Checked, form: Annotated[Dep
 
 @router.post("/deployments/{name}/delete")
 def delete(request: Request, state: State, session: Checked, name: str) -> HTMLResponse:
-    deployments.delete_deployment(state, session.principal, name)
+    deployments.undeploy(state, session.principal, name)
     context = _table(request, state, session.principal)
     return page(request, "partials/deployments_table.html", {"session": session, **context})

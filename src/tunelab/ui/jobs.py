@@ -29,7 +29,7 @@ STOPPED_POLLING = 286  # htmx stops polling on this status (and still swaps the 
 # -- the table ------------------------------------------------------------------------------------
 @router.get("/jobs")
 def jobs_page(request: Request, state: State, session: Console, status: str = "", model: str = "", q: str = ""):
-    jobs = fine_tuning.list_jobs(state, session.principal, limit=1000).data
+    jobs = fine_tuning.jobs_page(state, session.principal, limit=1000).data
     shown = [j for j in jobs if _matches(j, status, model, q)]
     rows = [(j, _progress(state, session.principal, j)) for j in shown]
     bases = sorted({j.model for j in jobs})
@@ -73,14 +73,19 @@ class JobForm(BaseModel):
     suffix: str = ""
 
     def to_request(self) -> CreateJobRequest:
-        """The API request this form asks for (pydantic checks the values, the error names the field)."""
+        """The API request this form asks for (pydantic checks the values, the error names the field).
+        The API takes JSON numbers strictly, so the typed text is read as a number here first."""
         keys = ["n_epochs", "batch_size", "learning_rate_multiplier"]
         keys += ["lora_rank", "lora_alpha", "lora_dropout"] if self.method == "lora" else []
-        hyper: dict[str, Any] = {k: v for k in keys if (v := getattr(self, k).strip()) and v != "auto"}
+        hyper: dict[str, Any] = {
+            k: _number(k, v, auto=k in keys[:3]) for k in keys if (v := getattr(self, k).strip()) and v != "auto"
+        }
         if self.method == "full":
             hyper["lora_rank"] = 0
         body: dict[str, Any] = {"model": self.model, "training_file": self.training_file}
-        optional = {"validation_file": self.validation_file, "seed": self.seed.strip(), "suffix": self.suffix.strip()}
+        if seed := self.seed.strip():
+            body["seed"] = _number("seed", seed, auto=False)
+        optional = {"validation_file": self.validation_file, "suffix": self.suffix.strip()}
         body |= {k: v for k, v in optional.items() if v}
         if hyper:
             body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
@@ -89,12 +94,18 @@ class JobForm(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             field = [str(p) for p in first["loc"] if p in JobForm.model_fields][-1]  # n_epochs, not method
-            unparsed = first["type"] in ("int_parsing", "float_parsing", "literal_error", "int_from_float")
-            if unparsed:
-                problem = "must be “auto” or a number" if field in keys[:3] else "must be a number (blank: the default)"
-            else:
-                problem = first["msg"].lower()
-            raise InvalidRequest(f"{field} {problem}: got {first.get('input')!r}.", param=field) from None
+            raise InvalidRequest(f"{field} {first['msg'].lower()}: got {first.get('input')!r}.", param=field) from None
+
+
+def _number(field: str, text: str, *, auto: bool) -> int | float:
+    """The number typed in a box (an integer when it is one)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    problem = "must be “auto” or a number" if auto else "must be a number (blank: the default)"
+    raise InvalidRequest(f"{field} {problem}: got {text!r}.", param=field)
 
 
 @router.get("/jobs/new")

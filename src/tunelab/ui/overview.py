@@ -28,7 +28,7 @@ def overview_live(request: Request, state: State, session: Console) -> HTMLRespo
 
 
 def _live(state: AppState, caller: Principal) -> dict[str, Any]:
-    jobs = fine_tuning.list_jobs(state, caller, limit=100).data
+    jobs = fine_tuning.jobs_page(state, caller, limit=100).data
     running = []
     for job in (j for j in jobs if not j.status.is_finished):
         points, _ = views.job_metrics(state, caller, job.id, recent=True)
@@ -41,7 +41,7 @@ def _live(state: AppState, caller: Principal) -> dict[str, Any]:
     return {
         "running": running,
         "jobs": jobs,
-        "deployments": deployments.list_deployments(state, caller)["value"],
+        "deployments": [d.model_dump() for d in deployments.deployments_of(state, caller)],
         "events": events[:15],
         "n_files": len(files.list_files(state, caller, purpose="fine-tune").data),
     }

@@ -30,7 +30,7 @@ def playground(
     model: Annotated[list[str], Query()] = [],  # noqa: B006
     file: str = "",
 ) -> HTMLResponse:
-    ready = deployments.list_deployments(state, session.principal)["value"]
+    ready = [d.model_dump() for d in deployments.deployments_of(state, session.principal)]
     tuned = [f for f in files.list_files(state, session.principal, purpose="fine-tune").data if f.status == "processed"]
     context = {
         "session": session,

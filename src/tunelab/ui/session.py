@@ -14,7 +14,6 @@ cookie: it keeps its key headers, so it needs no CSRF defence.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -97,13 +96,12 @@ class SessionCodec:
 
 def session_codec(state: AppState, store: Store) -> SessionCodec:
     """The codec of this server: its secret is ``TUNELAB_SESSION_SECRET``, else one generated once and
-    kept in the database (so every API process and restart shares it), bound to the API key so that
-    changing the key ends every session."""
+    kept in the database (so every API process and restart shares it). A session ends with its key:
+    ``current_session`` re-checks the key on every request."""
     secret = state.settings.session_secret or store.set_setting_once(
         "console_session_secret", secrets.token_urlsafe(32)
     )
-    bound = secret + ":" + hashlib.sha256(state.api_key.encode()).hexdigest()
-    return SessionCodec(bound, int(state.settings.session_hours * 3600))
+    return SessionCodec(secret, int(state.settings.session_hours * 3600))
 
 
 def new_session(principal: Principal) -> ConsoleSession:
