@@ -8,7 +8,7 @@ import secrets
 from fastapi import APIRouter, Depends, FastAPI
 
 from tunelab import __version__
-from tunelab.api import chat, deployments, errors, files, fine_tuning, models
+from tunelab.api import chat, deployments, errors, evals, files, fine_tuning, models
 from tunelab.api.deps import AppState, require_key
 from tunelab.config import Settings
 from tunelab.models.catalog import ensure_bundled
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
 
     data_plane = APIRouter(dependencies=[Depends(require_key)])
-    for module in (files, fine_tuning, models, chat):
+    for module in (files, fine_tuning, models, chat, evals):
         data_plane.include_router(module.router)
     app.include_router(data_plane, prefix="/v1")
     # AzureOpenAI(azure_endpoint=E) calls E/openai/<same path>?api-version=...; inference paths

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.evals.spec import SpecError
 from tunelab.models.catalog import ModelNotFound
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
 from tunelab.serving.engine import PromptTooLong
@@ -108,6 +109,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     ModelNotFound: lambda e: NotFound(f"The model '{e}' does not exist", param="model", code="model_not_found"),
     PromptTooLong: lambda e: InvalidRequest(str(e), param="messages", code="context_length_exceeded"),
     RateLimitExceeded: _rate_limited,
+    SpecError: lambda e: InvalidRequest(e.message, param=e.param, code=e.code),
 }
 
 

@@ -14,7 +14,10 @@ from fastapi import APIRouter, Query
 
 from tunelab.api.deps import Caller, State
 from tunelab.api.errors import InvalidRequest, NotFound
-from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage
+from tunelab.api.evals import get_eval
+from tunelab.api.protocol import CreateJobRequest, FineTuningJob, JobCheckpoint, JobEvent, ListPage, data_source_echo
+from tunelab.evals.service import check_data_source
+from tunelab.evals.spec import SpecError, check_run
 from tunelab.models.folder import LoraSettings
 from tunelab.store import lifecycle
 from tunelab.store.db import new_id, now
@@ -67,6 +70,7 @@ def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuni
         raise InvalidRequest(
             "Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations"
         )
+    eval_on_finish = _eval_on_finish(state, caller, body)
     files = {"training_file": _fine_tune_file(state, body.training_file, "training_file")}
     if body.validation_file:
         files["validation_file"] = _fine_tune_file(state, body.validation_file, "validation_file")
@@ -83,6 +87,7 @@ def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuni
         method={"type": "supervised"},
         hyperparameters=spec.to_json(),
         result_files=[],
+        eval_on_finish=eval_on_finish,
     )
     lifecycle.create(
         state.store,
@@ -92,6 +97,30 @@ def create_job(state: State, caller: Caller, body: CreateJobRequest) -> FineTuni
     )
     _finish_validation(state, job, files)
     return _job(state, job.id)
+
+
+def _eval_on_finish(state: State, caller: Caller, body: CreateJobRequest) -> dict | None:
+    """tunelab extension ``"tunelab": {"eval": {"eval_id", "data_source"}}``: checked now, run on the
+    final model and the model the job starts from when it succeeds (the worker queues the runs)."""
+    wanted = body.tunelab.eval if body.tunelab else None
+    if wanted is None:
+        return None
+    ev = get_eval(state, caller, wanted.eval_id)
+    data_source = data_source_echo(wanted.data_source)
+    data_source["model"] = body.model  # checked as a run on the model the job starts from
+    try:
+        check_data_source(data_source)
+        check_run(
+            state.store,
+            state.settings.blob_path,
+            data_source,
+            ev.data_source_config["item_schema"],
+            ev.testing_criteria,
+        )
+    except SpecError as exc:
+        raise InvalidRequest(exc.message, param=f"tunelab.eval.{exc.param}", code=exc.code) from None
+    del data_source["model"]
+    return {"eval_id": ev.id, "data_source": data_source}
 
 
 def _going_on_from(model: ModelRow, spec: JobSpec) -> JobSpec:

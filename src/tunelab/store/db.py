@@ -18,11 +18,23 @@ from sqlalchemy import create_engine, event, inspect, or_, select, text, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import ACTIVE, HELD, JobStatus
-from tunelab.store.tables import DeploymentRow, DeploymentState, EventRow, FileRow, JobRow, ModelRow, SettingRow
+from tunelab.store.tables import (
+    DeploymentRow,
+    DeploymentState,
+    EvalOutputItemRow,
+    EvalRow,
+    EvalRunRow,
+    EventRow,
+    FileRow,
+    JobRow,
+    ModelRow,
+    SettingRow,
+)
 
-Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow)
-Listed = TypeVar("Listed", FileRow, JobRow)  # rows paged by (created_at, id)
+Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow, EvalRow, EvalRunRow, EvalOutputItemRow)
+Listed = TypeVar("Listed", FileRow, JobRow, EvalRow, EvalRunRow)  # rows paged by (created_at, id)
 
 
 def new_id(prefix: str) -> str:
@@ -126,19 +138,21 @@ class Store:
         limit: int,
         newest_first: bool = True,
         where: Sequence[Any] = (),
+        order_by: str = "created_at",
     ) -> tuple[list[Listed], bool]:
-        """One page of rows ordered by (created_at, id), after the row with id ``after``."""
+        """One page of rows ordered by (``order_by``, id), after the row with id ``after``."""
         with self.session() as s:
             q = select(cls).where(*where)
-            key = (cls.created_at, cls.id)
+            column = getattr(cls, order_by)
+            key = (column, cls.id)
             if after is not None:
                 anchor = s.get(cls, after)
                 if anchor is not None:
-                    pivot = (anchor.created_at, anchor.id)
+                    pivot = (getattr(anchor, order_by), anchor.id)
                     cmp = (
-                        (cls.created_at < pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id < pivot[1]))
+                        (column < pivot[0]) | ((column == pivot[0]) & (cls.id < pivot[1]))
                         if newest_first
-                        else (cls.created_at > pivot[0]) | ((cls.created_at == pivot[0]) & (cls.id > pivot[1]))
+                        else (column > pivot[0]) | ((column == pivot[0]) & (cls.id > pivot[1]))
                     )
                     q = q.where(cmp)
             order = [k.desc() for k in key] if newest_first else list(key)
@@ -262,3 +276,69 @@ class Store:
     def set_deployment_state(self, name: str, state: DeploymentState, error: str | None = None) -> None:
         with self.session() as s:
             s.execute(update(DeploymentRow).where(DeploymentRow.name == name).values(state=state, error=error))
+
+    # -- eval runs -----------------------------------------------------------------------------
+    def update_eval_run(
+        self, run_id: str, *, only_if_status: Collection[EvalRunStatus] | None = None, **values: Any
+    ) -> bool:
+        """Conditional update; False when the run is gone or not in one of ``only_if_status``.
+        Status changes go through ``tunelab.store.eval_lifecycle``, which calls this."""
+        with self.session() as s:
+            q = update(EvalRunRow).where(EvalRunRow.id == run_id)
+            if only_if_status is not None:
+                q = q.where(EvalRunRow.status.in_(only_if_status))
+            return cast(CursorResult[Any], s.execute(q.values(**values))).rowcount == 1
+
+    def claim_eval_run(
+        self, worker_id: str, *, from_status: EvalRunStatus, to_status: EvalRunStatus
+    ) -> EvalRunRow | None:
+        """Atomically move the oldest run in ``from_status`` to ``to_status`` for ``worker_id``."""
+        with self.session() as s:
+            candidates = s.execute(
+                select(EvalRunRow.id, EvalRunRow.attempts)
+                .where(EvalRunRow.status == from_status)
+                .order_by(EvalRunRow.created_at, EvalRunRow.id)
+                .limit(5)
+            ).all()
+        for run_id, attempts in candidates:
+            # Conditional on the attempts read too: two workers cannot both count the same claim.
+            with self.session() as s:
+                q = (
+                    update(EvalRunRow)
+                    .where(EvalRunRow.id == run_id, EvalRunRow.status == from_status, EvalRunRow.attempts == attempts)
+                    .values(status=to_status, worker_id=worker_id, started_at=now(), attempts=attempts + 1)
+                )
+                claimed = cast(CursorResult[Any], s.execute(q)).rowcount == 1
+            if claimed:
+                return self.get(EvalRunRow, run_id)
+        return None
+
+    def eval_runs_in(self, statuses: Collection[EvalRunStatus]) -> list[EvalRunRow]:
+        with self.session() as s:
+            return list(s.scalars(select(EvalRunRow).where(EvalRunRow.status.in_(statuses))))
+
+    def eval_run_status(self, run_id: str) -> EvalRunStatus | None:
+        with self.session() as s:
+            return s.scalar(select(EvalRunRow.status).where(EvalRunRow.id == run_id))
+
+    def output_items(
+        self, run_id: str, *, after: str | None, limit: int, newest_first: bool = False, status: str | None = None
+    ) -> tuple[list[EvalOutputItemRow], bool]:
+        """One page of a run's output items in data-source order, after the item with id ``after``."""
+        with self.session() as s:
+            q = select(EvalOutputItemRow).where(EvalOutputItemRow.run_id == run_id)
+            if status is not None:
+                q = q.where(EvalOutputItemRow.status == status)
+            key = EvalOutputItemRow.datasource_item_id
+            if after is not None:
+                anchor = s.scalar(select(key).where(EvalOutputItemRow.id == after))
+                if anchor is not None:
+                    q = q.where(key < anchor if newest_first else key > anchor)
+            rows = list(s.scalars(q.order_by(key.desc() if newest_first else key).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    def graded_items(self, run_id: str) -> list[EvalOutputItemRow]:
+        """Every output item of a run written so far, in data-source order."""
+        with self.session() as s:
+            q = select(EvalOutputItemRow).where(EvalOutputItemRow.run_id == run_id)
+            return list(s.scalars(q.order_by(EvalOutputItemRow.datasource_item_id)))

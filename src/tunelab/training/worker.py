@@ -26,6 +26,7 @@ from tunelab.training.hooks import Checkpoint, StepMetrics, Stop
 from tunelab.training.hparams import Hyperparameters, JobSpec
 
 if TYPE_CHECKING:
+    from tunelab.evals.runner import EvalRunner
     from tunelab.training.recipe import TrainResult, TrainSpec
     from tunelab.training.tracking import JobTracker
 
@@ -104,6 +105,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.parent_pid = parent_pid
         self._signalled = False
+        self._evals: EvalRunner | None = None
 
     def stopping(self) -> bool:
         """SIGTERM/SIGINT received, or (embedded worker) the server is gone."""
@@ -133,14 +135,23 @@ class Worker:
             owner, _, pid = (job.worker_id or "").rpartition(":")
             if owner == host and pid.isdigit() and not _alive(int(pid)):
                 lifecycle.requeue(self.store, job.id, "The worker running this job stopped")
+        self.evals().requeue_orphans(_alive)
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when none was queued."""
+        """Claim and run one job, else one eval run; False when neither was queued."""
         job = lifecycle.claim(self.store, self.id)
         if job is None:
-            return False
+            return self.evals().run_once()
         self._run(job)
         return True
+
+    def evals(self) -> EvalRunner:
+        if self._evals is None:
+            from tunelab.evals.runner import EvalRunner
+            from tunelab.training.tracking import tracking_uri
+
+            self._evals = EvalRunner(self.settings, self.store, self.id, self.stopping, tracking_uri(self.settings))
+        return self._evals
 
     def _run(self, job: JobRow) -> None:
         from tunelab.training import resume
@@ -293,3 +304,7 @@ class Worker:
         )
         if not done:  # cancelled at the last moment: keep the outputs out of the catalogue
             self.store.delete(ModelRow, ft_model)
+        elif job.eval_on_finish:
+            from tunelab.evals.runner import queue_job_evals
+
+            queue_job_evals(self.store, self.settings, job, ft_model)
