@@ -86,7 +86,8 @@ def similarity(metric: str, text: str, reference: str) -> float:
     if metric == "bleu":
         import sacrebleu
 
-        return float(sacrebleu.sentence_bleu(text, [reference]).score) / 100.0
+        # sacrebleu's float arithmetic gives 100.00000000000004 for a perfect match: clamp.
+        return min(float(sacrebleu.sentence_bleu(text, [reference]).score) / 100.0, 1.0)
     if metric == "gleu":
         from nltk.translate.gleu_score import sentence_gleu
 
