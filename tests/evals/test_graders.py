@@ -52,12 +52,15 @@ def test_similarity_metrics_come_from_the_libraries():
 
 
 @pytest.mark.parametrize(
-    "metric", ["fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"]
+    "metric",
+    ["fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"],
 )
 def test_every_metric_is_in_range_and_orders_answers(metric):
     ref = "the cat sat on the mat near the door"
-    exact, close, far = similarity(metric, ref, ref), similarity(metric, "the cat sat on the mat near a door", ref), (
-        similarity(metric, "stock prices fell sharply today", ref)
+    exact, close, far = (
+        similarity(metric, ref, ref),
+        similarity(metric, "the cat sat on the mat near a door", ref),
+        (similarity(metric, "stock prices fell sharply today", ref)),
     )
     assert 0.0 <= far < close <= exact <= 1.0
     assert similarity(metric, "", ref) == 0.0  # an empty answer scores 0, no exception
@@ -131,7 +134,9 @@ def test_model_graders_ask_the_judge_and_clamp():
         "id": "s-1",
         "type": "score_model",
         "model": "m",
-        "input": [{"type": "message", "role": "developer", "content": {"type": "input_text", "text": "Rate {{item.q}}"}}],
+        "input": [
+            {"type": "message", "role": "developer", "content": {"type": "input_text", "text": "Rate {{item.q}}"}}
+        ],
         "range": [0, 5],
         "pass_threshold": 4,
         "sampling_params": None,

@@ -66,3 +66,69 @@ def macro_f1_diff(
         return float(f1_score(t[idx], pred[idx], labels=labels, average="macro", zero_division=0))
 
     return paired_bootstrap(pred_a, pred_b, lambda idx: f1(pb, idx) - f1(pa, idx), **kw)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a side-by-side table: a metric per model, and each model's difference from the first."""
+
+    metric: str
+    values: list[float]
+    intervals: Sequence[Interval | None]  # a 95% interval per model (Wilson for pass rates)
+    diffs: Sequence[tuple[float, Interval] | None]  # vs the first model; None for the first
+
+
+def side_by_side(criteria: list[dict], outputs: list[list[dict]]) -> list[Row]:
+    """Pass rate per criterion (and accuracy/macro-F1 for a classification criterion) per run.
+
+    Args:
+        criteria: the eval's testing criteria, as echoed.
+        outputs: per run, its output items as the API returns them (``datasource_item_id``,
+            ``results``); runs are paired on the items they all graded.
+    """
+    from tunelab.evals.report import OFF_FORMAT, classification_criterion
+
+    by_item = [{o["datasource_item_id"]: o for o in run} for run in outputs]
+    common = sorted(set.intersection(*(set(m) for m in by_item))) if by_item else []
+    rows = []
+
+    def result(run: int, item: int, criterion_id: str) -> dict:
+        return next(r for r in by_item[run][item]["results"] if r["name"] == criterion_id)
+
+    for c in criteria:
+        passed = [[bool(result(k, i, c["id"])["passed"]) for i in common] for k in range(len(outputs))]
+        rows.append(
+            Row(
+                metric=f"{c['name']} pass rate",
+                values=[sum(p) / len(p) if p else float("nan") for p in passed],
+                intervals=[wilson(sum(p), len(p)) for p in passed],
+                diffs=[None, *(pass_rate_diff(passed[0], p) if common else None for p in passed[1:])],
+            )
+        )
+    found = classification_criterion(criteria)
+    if found is not None and common:
+        c, _ = found
+        truths = [str(result(0, i, c["id"]).get("reference", "")) for i in common]
+        preds = [[str(result(k, i, c["id"]).get("input", "")) for i in common] for k in range(len(outputs))]
+        labels = sorted(set(truths))
+        from sklearn.metrics import f1_score
+
+        f1s = [float(f1_score(truths, p, labels=labels, average="macro", zero_division=0)) for p in preds]
+        rows.append(
+            Row(
+                metric="macro-F1",
+                values=f1s,
+                intervals=[None] * len(outputs),
+                diffs=[None, *(macro_f1_diff(truths, preds[0], p, labels) for p in preds[1:])],
+            )
+        )
+        off = [sum(1 for v in p if v not in labels) / len(p) for p in preds]
+        rows.append(
+            Row(
+                metric=f"off-format ({OFF_FORMAT})",
+                values=off,
+                intervals=[None] * len(outputs),
+                diffs=[None] * len(outputs),
+            )
+        )
+    return rows
