@@ -52,6 +52,10 @@ Judge = Callable[[str, list[dict[str, str]], dict[str, Any]], JudgeAnswer]
 class GraderError(Exception):
     """The grader could not grade this item (a missing value, an answer that is no label or number)."""
 
+    def __init__(self, message: str, sample: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.sample = sample  # the judge's sampling, when it answered
+
 
 # -- string_check ----------------------------------------------------------------------------------
 def string_check(operation: str, text: str, reference: str) -> bool:
@@ -188,8 +192,10 @@ def grade(criterion: dict[str, Any], item: dict[str, Any], sample: dict[str, Any
     result: dict[str, Any] = {"name": criterion["id"], "type": criterion["type"], "sample": None}
     try:
         score, passed, extra = _grade(criterion, item, sample, judge)
-    except (GraderError, MissingValue) as exc:
+    except MissingValue as exc:
         return {**result, "score": 0.0, "passed": False, "error": str(exc)}
+    except GraderError as exc:
+        return {**result, "sample": exc.sample, "score": 0.0, "passed": False, "error": str(exc)}
     return {**result, "score": score, "passed": passed, **extra}
 
 
@@ -212,7 +218,7 @@ def _grade(criterion: dict, item: dict, sample: dict | None, judge: Judge) -> tu
         label = parse_label(answer.text, labels)
         extra = {"sample": _judge_sample(criterion["model"], messages, answer), "label": label}
         if label is None:
-            raise GraderError(f"the judge's answer {answer.text!r} is none of the labels {labels}")
+            raise GraderError(f"the judge's answer {answer.text!r} is none of the labels {labels}", extra["sample"])
         ok = label in criterion["passing_labels"]
         return float(ok), ok, extra
     if kind == "score_model":
@@ -234,7 +240,7 @@ def _grade(criterion: dict, item: dict, sample: dict | None, judge: Judge) -> tu
         value = parse_score(answer.text)
         extra = {"sample": _judge_sample(criterion["model"], messages, answer)}
         if value is None:
-            raise GraderError(f"the judge's answer {answer.text!r} holds no number")
+            raise GraderError(f"the judge's answer {answer.text!r} holds no number", extra["sample"])
         score = min(max(value, low), high)  # clamped to the range, as OpenAI does
         threshold = criterion.get("pass_threshold")
         return score, score >= (threshold if threshold is not None else (low + high) / 2), extra
