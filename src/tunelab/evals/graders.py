@@ -216,9 +216,10 @@ def _grade(criterion: dict, item: dict, sample: dict | None, judge: Judge) -> tu
         )
         answer = judge(criterion["model"], messages, {"temperature": 0.0, "max_tokens": JUDGE_MAX_TOKENS})
         label = parse_label(answer.text, labels)
-        extra = {"sample": _judge_sample(criterion["model"], messages, answer), "label": label}
+        judged = _judge_sample(criterion["model"], messages, answer)
         if label is None:
-            raise GraderError(f"the judge's answer {answer.text!r} is none of the labels {labels}", extra["sample"])
+            raise GraderError(f"the judge's answer {answer.text!r} is none of the labels {labels}", judged)
+        extra = {"sample": judged, "label": label}
         ok = label in criterion["passing_labels"]
         return float(ok), ok, extra
     if kind == "score_model":
@@ -238,9 +239,10 @@ def _grade(criterion: dict, item: dict, sample: dict | None, judge: Judge) -> tu
             },
         )
         value = parse_score(answer.text)
-        extra = {"sample": _judge_sample(criterion["model"], messages, answer)}
+        judged = _judge_sample(criterion["model"], messages, answer)
         if value is None:
-            raise GraderError(f"the judge's answer {answer.text!r} holds no number", extra["sample"])
+            raise GraderError(f"the judge's answer {answer.text!r} holds no number", judged)
+        extra = {"sample": judged}
         score = min(max(value, low), high)  # clamped to the range, as OpenAI does
         threshold = criterion.get("pass_threshold")
         return score, score >= (threshold if threshold is not None else (low + high) / 2), extra
