@@ -107,6 +107,55 @@ def start_server(data_dir: Path):
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
+def fine_tune(client, items: list[dict], train_file: Path, args: argparse.Namespace):
+    """Create the eval, upload the training file, start the job that names the eval; wait for the job."""
+    ev = client.evals.create(
+        name="imdb-sentiment",
+        data_source_config={
+            "type": "custom",
+            "item_schema": {
+                "type": "object",
+                "properties": {"review": {"type": "string"}, "label": {"type": "string", "enum": list(LABELS)}},
+                "required": ["review", "label"],
+            },
+        },
+        testing_criteria=[
+            {
+                "type": "string_check",
+                "name": "label",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.label}}",
+                "operation": "eq",
+            }
+        ],
+    )
+    data_source = {
+        "type": "completions",
+        "input_messages": {
+            "type": "template",
+            "template": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "{{item.review}}"}],
+        },
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 3},
+        "source": {"type": "file_content", "content": items},
+    }
+    with train_file.open("rb") as f:
+        file_id = client.files.create(file=f, purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=file_id,
+        seed=args.seed,
+        hyperparameters={
+            "n_epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate_multiplier": args.lr_multiplier,
+        },
+        extra_body={"tunelab": {"eval": {"eval_id": ev.id, "data_source": data_source}}},
+    )
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(2)
+    return ev, job
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=600, help="training reviews (half of each label)")
@@ -118,6 +167,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=105)
     ap.add_argument("--work", type=Path, default=None, help="folder for the data dir and files (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--report-only", action="store_true", help="print the table of the last job and eval in --work (no training)"
+    )
     args = ap.parse_args()
 
     from openai import OpenAI
@@ -142,51 +194,11 @@ def main() -> None:
     client = OpenAI(base_url=url, api_key="bench", max_retries=30)
     try:
         client.models.list()  # retries until the server is up
-        ev = client.evals.create(
-            name="imdb-sentiment",
-            data_source_config={
-                "type": "custom",
-                "item_schema": {
-                    "type": "object",
-                    "properties": {"review": {"type": "string"}, "label": {"type": "string", "enum": list(LABELS)}},
-                    "required": ["review", "label"],
-                },
-            },
-            testing_criteria=[
-                {
-                    "type": "string_check",
-                    "name": "label",
-                    "input": "{{sample.output_text}}",
-                    "reference": "{{item.label}}",
-                    "operation": "eq",
-                }
-            ],
-        )
-        data_source = {
-            "type": "completions",
-            "input_messages": {
-                "type": "template",
-                "template": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "{{item.review}}"}],
-            },
-            "sampling_params": {"temperature": 0, "max_completion_tokens": 3},
-            "source": {"type": "file_content", "content": items},
-        }
-        start = time.time()
-        with train_file.open("rb") as f:
-            file_id = client.files.create(file=f, purpose="fine-tune").id
-        job = client.fine_tuning.jobs.create(
-            model=BASE,
-            training_file=file_id,
-            seed=args.seed,
-            hyperparameters={
-                "n_epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "learning_rate_multiplier": args.lr_multiplier,
-            },
-            extra_body={"tunelab": {"eval": {"eval_id": ev.id, "data_source": data_source}}},
-        )
-        while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-            time.sleep(2)
+        if args.report_only:  # the eval and the job of an earlier run in this work dir
+            ev = next(e for e in client.evals.list(order="desc") if e.name == "imdb-sentiment")
+            job = next(iter(client.fine_tuning.jobs.list(limit=1)))
+        else:
+            ev, job = fine_tune(client, items, train_file, args)
         if job.status != "succeeded":
             raise SystemExit(f"the job {job.status}: {job.error}")
         events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
@@ -195,24 +207,30 @@ def main() -> None:
         tokens = job.trained_tokens
         print(f"job {job.id} succeeded: {train_seconds} s of training ({tokens} tokens)", flush=True)
 
-        eval_start = time.time()
-        runs = {}
+        runs: dict = {}
         while len(runs) < 2 or any(r.status in ("queued", "in_progress") for r in runs.values()):
             time.sleep(3)
-            runs = {r.model: r for r in client.evals.runs.list(ev.id)}
-        eval_seconds = time.time() - eval_start
+            runs = {r.model: r for r in client.evals.runs.list(ev.id) if r.metadata.get("fine_tuning_job_id") == job.id}
         base, tuned = runs[BASE], runs[job.fine_tuned_model]
         for r in (base, tuned):
             if r.status != "completed":
                 raise SystemExit(f"eval run {r.id} on {r.model} {r.status}: {r.error}")
 
-        def predictions(run) -> tuple[list[str], list[str]]:
-            out = list(client.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100))
-            out.sort(key=lambda o: o.datasource_item_id)
-            return [o.results[0]["reference"] for o in out], [o.results[0].get("input", "") for o in out]
+        def predictions(run) -> tuple[list[str], list[str], int]:
+            out = sorted(
+                client.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100),
+                key=lambda o: o.datasource_item_id,
+            )
+            extras = [o.results[0].model_extra or {} for o in out]
+            return (
+                [e["reference"] for e in extras],
+                [e.get("input", "") for e in extras],
+                max(o.created_at for o in out),
+            )
 
-        truths, pred_base = predictions(base)
-        _, pred_tuned = predictions(tuned)
+        truths, pred_base, base_end = predictions(base)
+        _, pred_tuned, tuned_end = predictions(tuned)
+        eval_seconds = max(base_end, tuned_end) - min(base.created_at, tuned.created_at)
         diff, ci = macro_f1_diff(truths, pred_base, pred_tuned, list(LABELS))
     finally:
         proc.terminate()
@@ -240,8 +258,8 @@ def main() -> None:
     print()
     print(
         f"training: {train_seconds} s ({train_seconds / 60:.1f} min, {tokens} tokens, "
-        f"{tokens / max(train_seconds, 1):.0f} tok/s); both eval runs: {eval_seconds:.0f} s; "
-        f"upload to both evals done: {time.time() - start:.0f} s"
+        f"{tokens / max(train_seconds, 1):.0f} tok/s); both eval runs ({2 * len(truths)} generations, "
+        f"one worker): {eval_seconds} s; load average at the end {os.getloadavg()[0]:.1f}"
     )
     if args.json:
         args.json.write_text(
