@@ -210,7 +210,11 @@ def main() -> None:
         runs: dict = {}
         while len(runs) < 2 or any(r.status in ("queued", "in_progress") for r in runs.values()):
             time.sleep(3)
-            runs = {r.model: r for r in client.evals.runs.list(ev.id) if r.metadata.get("fine_tuning_job_id") == job.id}
+            runs = {
+                r.model: r
+                for r in client.evals.runs.list(ev.id)
+                if (r.metadata or {}).get("fine_tuning_job_id") == job.id
+            }
         base, tuned = runs[BASE], runs[job.fine_tuned_model]
         for r in (base, tuned):
             if r.status != "completed":

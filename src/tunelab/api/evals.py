@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from tunelab.api.deps import Caller, State
 from tunelab.api.errors import InvalidRequest, NotFound
 from tunelab.api.protocol import (
+    CompletionsDataSource,
     CreateEvalRequest,
     CreateEvalRunRequest,
     Eval,
@@ -132,7 +133,7 @@ async def create_run(
 ) -> EvalRun:
     ev = get_eval(state, caller, eval_id)
     ds = body.data_source
-    params = getattr(ds, "sampling_params", None)
+    params = ds.sampling_params if isinstance(ds, CompletionsDataSource) else None
     if params is not None and (params.response_format is not None or params.tools):
         field = "response_format" if params.response_format is not None else "tools"
         raise InvalidRequest(
