@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.api.test_evals import EXACT, REVIEWS, SCHEMA, completions, items, wait_run
 from tests.conftest import BASE_MODEL, KEY
@@ -131,7 +132,8 @@ def test_a_job_evaluates_its_model_and_base_with_mlflow_and_the_cli_compares_the
         e.data["metrics"]["accuracy"] == by_model[e.data["model"]].classification_report["accuracy"] for e in finished
     )
 
-    job_run = job.integrations[0]["mlflow"]["run_id"]
+    raw = requests.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}", headers={"api-key": KEY}).json()
+    job_run = raw["integrations"][0]["mlflow"]["run_id"]  # the SDK types integrations as W&B entries
     mlflow = MlflowClient(f"sqlite:///{server.data_dir / 'mlflow.db'}")
     for r in runs:
         tracked = mlflow.get_run(r.tracking["run_id"])
