@@ -204,8 +204,9 @@ def main() -> None:
         events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
         started = min(e.created_at for e in events if "started on worker" in e.message)
         train_seconds = job.finished_at - started
-        tokens = job.trained_tokens
-        print(f"job {job.id} succeeded: {train_seconds} s of training ({tokens} tokens)", flush=True)
+        speeds = [e.data["tokens_per_second"] for e in events if e.type == "metrics" and e.data]
+        tok_s = sum(speeds) / max(len(speeds), 1)  # prompt and answer tokens per second of the step loop
+        print(f"job {job.id} succeeded: {train_seconds} s from start to success, {tok_s:.0f} tok/s", flush=True)
 
         runs: dict = {}
         while len(runs) < 2 or any(r.status in ("queued", "in_progress") for r in runs.values()):
@@ -261,8 +262,8 @@ def main() -> None:
     )
     print()
     print(
-        f"training: {train_seconds} s ({train_seconds / 60:.1f} min, {tokens} tokens, "
-        f"{tokens / max(train_seconds, 1):.0f} tok/s); both eval runs ({2 * len(truths)} generations, "
+        f"training: {train_seconds} s ({train_seconds / 60:.1f} min, mean {tok_s:.0f} tok/s over the steps, "
+        f"{job.trained_tokens} answer tokens trained); both eval runs ({2 * len(truths)} generations, "
         f"one worker): {eval_seconds} s; load average at the end {os.getloadavg()[0]:.1f}"
     )
     if args.json:
@@ -271,7 +272,7 @@ def main() -> None:
                 {
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "train_seconds": train_seconds,
-                    "trained_tokens": tokens,
+                    "tokens_per_second": tok_s,
                     "eval_seconds": eval_seconds,
                     "base": rb,
                     "fine_tuned": rt,
