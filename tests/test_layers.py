@@ -20,6 +20,8 @@ FORBIDDEN = {
     "store": ("api", "ui", "serving", "training", "evals", "models"),
     "models": ("api", "ui", "serving", "training", "evals"),
     "serving": ("api", "ui", "training", "evals"),
+    # Evals sample through the serving engine and never import the trainer or the API.
+    "evals": ("api", "ui", "training"),
     # The API and the console never import the trainer: jobs are rows a worker claims. The pure
     # modules that describe a job (its hyperparameters, the hooks' values) are allowed.
     "api": TRAINER,

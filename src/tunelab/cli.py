@@ -1,4 +1,4 @@
-"""The ``tunelab`` command: serve, worker, models, data."""
+"""The ``tunelab`` command: serve, worker, models, data, eval."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from tunelab.cli_data import app as data_app
+from tunelab.cli_eval import app as eval_app
 from tunelab.config import Settings
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app = typer.Typer(
 models_app = typer.Typer(help="The model catalogue: base models you can fine-tune and serve.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)
 
 DataDir = Annotated[

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 
 from tunelab import __version__, ui
-from tunelab.api import chat, deployments, errors, files, fine_tuning, health, models, organization
+from tunelab.api import chat, deployments, errors, evals, files, fine_tuning, health, models, organization
 from tunelab.api.deps import AppState, require_key
 from tunelab.api.limits import BodyLimit
 from tunelab.config import Settings
@@ -60,7 +60,7 @@ def create_app(settings: Settings, *, lifespan: Lifespan | None = None, supervis
     # checked once per request either way.
     keyed = [Depends(require_key)]
     data_plane = APIRouter(dependencies=keyed)
-    for module in (files, fine_tuning, models, chat):
+    for module in (files, fine_tuning, models, chat, evals):
         data_plane.include_router(module.router)
     app.include_router(data_plane, prefix="/v1")
     # AzureOpenAI(azure_endpoint=E) calls E/openai/<same path>?api-version=...; inference paths

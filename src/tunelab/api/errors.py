@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tunelab.evals.spec import SpecError
 from tunelab.models.catalog import ModelNotFound
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
 from tunelab.serving.engine import PromptTooLong
@@ -123,6 +124,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
         code="DeploymentNameTaken",
     ),
     RateLimitExceeded: _rate_limited,
+    SpecError: lambda e: InvalidRequest(e.message, param=e.param, code=e.code),
 }
 
 

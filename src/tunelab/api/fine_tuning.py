@@ -14,8 +14,19 @@ from fastapi import APIRouter, Query, Request
 
 from tunelab.api.deps import AppState, Member, Principal, State
 from tunelab.api.errors import InvalidRequest, NotFound
+from tunelab.api.evals import get_eval
 from tunelab.api.models import visible_model
-from tunelab.api.protocol import CreateJobRequest, Cursor, FineTuningJob, JobCheckpoint, JobEvent, ListPage
+from tunelab.api.protocol import (
+    CreateJobRequest,
+    Cursor,
+    FineTuningJob,
+    JobCheckpoint,
+    JobEvent,
+    ListPage,
+    data_source_echo,
+)
+from tunelab.evals.service import check_data_source
+from tunelab.evals.spec import SpecError, check_run
 from tunelab.models.bundled import BundledModelMissing
 from tunelab.models.catalog import ModelNotFound, model_source
 from tunelab.models.folder import LoraSettings, hidden_size
@@ -74,6 +85,7 @@ def create_job(state: State, caller: Member, body: CreateJobRequest) -> FineTuni
         raise InvalidRequest(
             "Integrations are not supported; tunelab tracks every job in MLflow.", param="integrations"
         )
+    eval_on_finish = _eval_on_finish(state, caller, body)
     files = {"training_file": _fine_tune_file(state, caller, body.training_file, "training_file")}
     if body.validation_file:
         files["validation_file"] = _fine_tune_file(state, caller, body.validation_file, "validation_file")
@@ -91,6 +103,7 @@ def create_job(state: State, caller: Member, body: CreateJobRequest) -> FineTuni
         method={"type": "supervised"},
         hyperparameters=spec.to_json(),
         result_files=[],
+        eval_on_finish=eval_on_finish,
     )
     lifecycle.create(
         state.store,
@@ -115,6 +128,30 @@ def _check_rank(state: State, model: ModelRow, spec: JobSpec) -> None:
             f"lora_rank must be at most the hidden size of {model.id} ({width}), got {spec.lora_rank}.",
             param="lora_rank",
         )
+
+
+def _eval_on_finish(state: State, caller: Principal, body: CreateJobRequest) -> dict | None:
+    """tunelab extension ``"tunelab": {"eval": {"eval_id", "data_source"}}``: checked now, run on the
+    final model and the model the job starts from when it succeeds (the worker queues the runs)."""
+    wanted = body.tunelab.eval if body.tunelab else None
+    if wanted is None:
+        return None
+    ev = get_eval(state, caller, wanted.eval_id)
+    data_source = data_source_echo(wanted.data_source)
+    data_source["model"] = body.model  # checked as a run on the model the job starts from
+    try:
+        check_data_source(data_source)
+        check_run(
+            state.store,
+            state.settings.blob_path,
+            data_source,
+            ev.data_source_config["item_schema"],
+            ev.testing_criteria,
+        )
+    except SpecError as exc:
+        raise InvalidRequest(exc.message, param=f"tunelab.eval.{exc.param}", code=exc.code) from None
+    del data_source["model"]
+    return {"eval_id": ev.id, "data_source": data_source}
 
 
 def _going_on_from(model: ModelRow, spec: JobSpec) -> JobSpec:

@@ -8,13 +8,26 @@ marked. Database rows never cross the HTTP boundary: the ``from_row`` helpers co
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from tunelab.serving.engine import SamplingParams
+from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
-from tunelab.store.tables import ApiKeyRow, DeploymentRow, EventRow, FileRow, JobRow, ModelRow, ProjectRow
+from tunelab.store.tables import (
+    ApiKeyRow,
+    DeploymentRow,
+    EvalOutputItemRow,
+    EvalRow,
+    EvalRunRow,
+    EventRow,
+    FileRow,
+    JobRow,
+    ModelRow,
+    ProjectRow,
+)
 from tunelab.training.hparams import JobSpec
 
 T = TypeVar("T")
@@ -156,6 +169,8 @@ class CreateJobRequest(Strict):
         default=None, description="Up to 64 letters, digits, '.', '_' or '-': it becomes part of the model id."
     )
     validation_file: FileId | None = None
+    # tunelab extension: {"eval": {"eval_id", "data_source"}} run on the final model and its base
+    tunelab: TunelabJobOptions | None = None
 
     def to_spec(self) -> JobSpec:
         """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.supervised``."""
@@ -589,3 +604,364 @@ class KeyDeleted(BaseModel):
     object: str
     id: str
     deleted: bool = True
+
+
+# -- evals ---------------------------------------------------------------------------------------
+# https://platform.openai.com/docs/api-reference/evals. Requests are parsed here, then stored in
+# their echoed form (dicts): graders and the worker read those (tunelab.evals).
+EvalRole = Literal["user", "assistant", "system", "developer"]
+
+
+class InputText(Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class EvalMessage(Strict):
+    role: EvalRole
+    content: str | InputText
+    type: Literal["message"] | None = None
+
+    def echo(self) -> dict[str, Any]:
+        """OpenAI's normal form: ``{"type": "message", "role", "content": {"type": "input_text", "text"}}``."""
+        text = self.content if isinstance(self.content, str) else self.content.text
+        return {"type": "message", "role": self.role, "content": {"type": "input_text", "text": text}}
+
+
+class CustomDataSourceConfig(Strict):
+    type: Literal["custom"]
+    item_schema: dict[str, Any]
+    include_sample_schema: bool = False
+
+
+class StoredDataSourceConfig(BaseModel):
+    """``logs`` / ``stored_completions``: parsed so that the answer is a clear 400, not a schema error."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["logs", "stored_completions"]
+
+
+class GraderBase(Strict):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class StringCheckGrader(GraderBase):
+    type: Literal["string_check"]
+    input: str
+    reference: str
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+
+class TextSimilarityGrader(GraderBase):
+    type: Literal["text_similarity"]
+    input: str
+    reference: str
+    evaluation_metric: Literal[
+        "cosine",
+        "fuzzy_match",
+        "bleu",
+        "gleu",
+        "meteor",
+        "rouge_1",
+        "rouge_2",
+        "rouge_3",
+        "rouge_4",
+        "rouge_5",
+        "rouge_l",
+    ]
+    pass_threshold: float = Field(ge=0, le=1)
+
+
+class LabelModelGrader(GraderBase):
+    type: Literal["label_model"]
+    model: str
+    input: list[EvalMessage] = Field(min_length=1)
+    labels: list[str] = Field(min_length=1)
+    passing_labels: list[str] = Field(min_length=1)
+
+
+class GraderSamplingParams(Strict):
+    seed: int | None = None
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_completions_tokens: int | None = Field(default=None, ge=1, le=4096)
+    reasoning_effort: str | None = None
+
+
+class ScoreModelGrader(GraderBase):
+    type: Literal["score_model"]
+    model: str
+    sampling_params: GraderSamplingParams | None = None
+    input: list[EvalMessage] = Field(min_length=1)
+    range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    pass_threshold: float | None = None
+
+
+class UnsupportedGrader(BaseModel):
+    """``python`` and ``multi``: parsed so that the answer is a clear 400 (see docs/evals.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["python", "multi"]
+    name: str | None = None
+
+
+TestingCriterion = Annotated[
+    StringCheckGrader | TextSimilarityGrader | LabelModelGrader | ScoreModelGrader | UnsupportedGrader,
+    Field(discriminator="type"),
+]
+
+
+def _criterion_echo(criterion: BaseModel) -> dict[str, Any]:
+    """The stored, echoed form: OpenAI's fields plus an ``id`` of ``<name>-<uuid4>``."""
+    body = criterion.model_dump(exclude_none=False)
+    if isinstance(criterion, LabelModelGrader | ScoreModelGrader):
+        body["input"] = [m.echo() for m in criterion.input]
+    if isinstance(criterion, ScoreModelGrader):
+        body["range"] = criterion.range or [0.0, 1.0]
+    return {"id": f"{criterion.name}-{uuid.uuid4()}", **body}  # type: ignore[attr-defined]
+
+
+class CreateEvalRequest(Strict):
+    name: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    data_source_config: Annotated[CustomDataSourceConfig | StoredDataSourceConfig, Field(discriminator="type")]
+    testing_criteria: list[TestingCriterion] = Field(min_length=1, max_length=32)
+
+    def criteria_echo(self) -> list[dict[str, Any]]:
+        return [_criterion_echo(c) for c in self.testing_criteria]
+
+
+class UpdateEvalRequest(Strict):
+    name: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+def sample_schema() -> dict[str, Any]:
+    """What graders may read as ``sample`` (``include_sample_schema``)."""
+    return {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "output_text": {"type": "string"},
+        },
+        "required": ["model", "choices"],
+    }
+
+
+class Eval(BaseModel):
+    object: Literal["eval"] = "eval"
+    id: str
+    name: str
+    data_source_config: dict[str, Any]
+    testing_criteria: list[dict[str, Any]]
+    created_at: int
+    metadata: dict[str, str] | None = None
+
+    @classmethod
+    def from_row(cls, row: EvalRow) -> Eval:
+        config = row.data_source_config
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {"item": config["item_schema"]},
+            "required": ["item"],
+        }
+        if config.get("include_sample_schema"):
+            schema["properties"]["sample"] = sample_schema()
+            schema["required"].append("sample")
+        return cls(
+            id=row.id,
+            name=row.name,
+            data_source_config={"type": "custom", "schema": schema},
+            testing_criteria=row.testing_criteria,
+            created_at=row.created_at,
+            metadata=row.user_metadata,
+        )
+
+
+class EvalDeleted(BaseModel):
+    object: Literal["eval.deleted"] = "eval.deleted"
+    deleted: bool = True
+    eval_id: str
+
+
+class FileContentRow(Strict):
+    item: dict[str, Any]
+    sample: dict[str, Any] | None = None
+
+
+class FileContentSource(Strict):
+    type: Literal["file_content"]
+    content: list[FileContentRow] = Field(min_length=1, max_length=100_000)
+
+
+class FileIdSource(Strict):
+    type: Literal["file_id"]
+    id: str
+
+
+class StoredCompletionsSource(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["stored_completions", "responses"]
+
+
+RunSource = Annotated[FileContentSource | FileIdSource | StoredCompletionsSource, Field(discriminator="type")]
+
+
+class TemplateMessages(Strict):
+    type: Literal["template"]
+    template: list[EvalMessage] = Field(min_length=1)
+
+
+class ItemReferenceMessages(Strict):
+    type: Literal["item_reference"]
+    item_reference: str
+
+
+class RunSamplingParams(Strict):
+    """OpenAI's defaults: temperature 1, top_p 1, seed 42. ``max_completions_tokens`` (the spelling
+    in OpenAI's own examples) is accepted for ``max_completion_tokens``."""
+
+    reasoning_effort: str | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completions_tokens: int | None = Field(default=None, ge=1, le=32768)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = 42
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    def echo(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "max_completion_tokens": self.max_completion_tokens or self.max_completions_tokens,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+
+
+class CompletionsDataSource(Strict):
+    type: Literal["completions", "responses"]
+    input_messages: Annotated[TemplateMessages | ItemReferenceMessages, Field(discriminator="type")] | None = None
+    sampling_params: RunSamplingParams | None = None
+    model: str | None = None
+    source: RunSource
+
+
+class JsonlDataSource(Strict):
+    type: Literal["jsonl"]
+    source: RunSource
+
+
+RunDataSource = Annotated[CompletionsDataSource | JsonlDataSource, Field(discriminator="type")]
+
+
+def data_source_echo(ds: CompletionsDataSource | JsonlDataSource) -> dict[str, Any]:
+    """The stored, echoed form of a run's data source (OpenAI's normal form)."""
+    out: dict[str, Any] = {"type": ds.type, "source": ds.source.model_dump()}
+    if isinstance(ds, CompletionsDataSource):
+        messages = ds.input_messages
+        if isinstance(messages, TemplateMessages):
+            out["input_messages"] = {"type": "template", "template": [m.echo() for m in messages.template]}
+        elif messages is not None:
+            out["input_messages"] = messages.model_dump()
+        out["model"] = ds.model
+        out["sampling_params"] = ds.sampling_params.echo() if ds.sampling_params else None
+    return out
+
+
+class CreateEvalRunRequest(Strict):
+    name: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    data_source: RunDataSource
+
+
+class EvalAPIError(BaseModel):
+    code: str
+    message: str
+
+
+class EvalRun(BaseModel):
+    object: Literal["eval.run"] = "eval.run"
+    id: str
+    eval_id: str
+    status: EvalRunStatus
+    model: str
+    name: str
+    created_at: int
+    report_url: str
+    result_counts: dict[str, int]
+    per_model_usage: list[dict[str, Any]]
+    per_testing_criteria_results: list[dict[str, Any]]
+    data_source: dict[str, Any]
+    metadata: dict[str, str] | None = None
+    error: EvalAPIError | None = None
+    # tunelab extensions
+    classification_report: dict[str, Any] | None = None
+    """Accuracy, per-label precision/recall/F1, macro-F1, confusion matrix, off-format answers."""
+    tracking: dict[str, Any] | None = None
+    """The MLflow run the metrics were logged to."""
+
+    @classmethod
+    def from_row(cls, row: EvalRunRow, base_url: str) -> EvalRun:
+        return cls(
+            id=row.id,
+            eval_id=row.eval_id,
+            status=row.status,
+            model=row.model,
+            name=row.name,
+            created_at=row.created_at,
+            report_url=f"{base_url}/v1/evals/{row.eval_id}/runs/{row.id}",
+            result_counts=row.result_counts,
+            per_model_usage=list(row.per_model_usage or []),
+            per_testing_criteria_results=list(row.per_testing_criteria_results or []),
+            data_source=row.data_source,
+            metadata=row.user_metadata,
+            error=EvalAPIError(**row.error) if row.error else None,
+            classification_report=row.classification_report,
+            tracking=row.tracking,
+        )
+
+
+class EvalRunDeleted(BaseModel):
+    object: Literal["eval.run.deleted"] = "eval.run.deleted"
+    deleted: bool = True
+    run_id: str
+
+
+class EvalOutputItem(BaseModel):
+    object: Literal["eval.run.output_item"] = "eval.run.output_item"
+    id: str
+    run_id: str
+    eval_id: str
+    created_at: int
+    status: Literal["pass", "fail"]
+    datasource_item_id: int
+    datasource_item: dict[str, Any]
+    results: list[dict[str, Any]]
+    sample: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: EvalOutputItemRow) -> EvalOutputItem:
+        return cls(
+            id=row.id,
+            run_id=row.run_id,
+            eval_id=row.eval_id,
+            created_at=row.created_at,
+            status="pass" if row.status == "pass" else "fail",
+            datasource_item_id=row.datasource_item_id,
+            datasource_item=row.datasource_item,
+            results=row.results,
+            sample=row.sample,
+        )
+
+
+class TunelabJobEval(Strict):
+    """tunelab extension of a fine-tuning job: an eval run on its final model and on its base at the end."""
+
+    eval_id: str
+    data_source: CompletionsDataSource
+
+
+class TunelabJobOptions(Strict):
+    eval: TunelabJobEval | None = None

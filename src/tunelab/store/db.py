@@ -20,11 +20,15 @@ from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import ACTIVE, HELD, JobStatus
 from tunelab.store.tables import (
     ApiKeyRow,
     DeploymentRow,
     DeploymentState,
+    EvalOutputItemRow,
+    EvalRow,
+    EvalRunRow,
     EventRow,
     FileRow,
     JobRow,
@@ -34,8 +38,21 @@ from tunelab.store.tables import (
     WorkerRow,
 )
 
-Row = TypeVar("Row", FileRow, JobRow, ModelRow, DeploymentRow, ApiKeyRow, ProjectRow, WorkerRow)
-Listed = TypeVar("Listed", FileRow, JobRow)  # rows paged by their creation sequence
+Row = TypeVar(
+    "Row",
+    FileRow,
+    JobRow,
+    ModelRow,
+    DeploymentRow,
+    ApiKeyRow,
+    ProjectRow,
+    WorkerRow,
+    EvalRow,
+    EvalRunRow,
+    EvalOutputItemRow,
+)
+Listed = TypeVar("Listed", FileRow, JobRow, EvalRow, EvalRunRow)  # rows paged in a list route
+Sequenced = TypeVar("Sequenced", FileRow, JobRow)  # rows numbered in creation order (``seq``)
 
 
 class DeploymentNameTaken(Exception):
@@ -122,7 +139,7 @@ class Store:
             s.add(row)
         return row
 
-    def add_in_order(self, row: Listed) -> Listed:
+    def add_in_order(self, row: Sequenced) -> Sequenced:
         """Insert a file or job row; its ``seq`` is the next in the table (see ``tables._next_seq``).
 
         On PostgreSQL two concurrent inserts may pick the same number; the unique index refuses the
@@ -164,19 +181,30 @@ class Store:
         limit: int,
         newest_first: bool = True,
         where: Sequence[Any] = (),
+        order_by: str = "seq",
     ) -> tuple[list[Listed], bool]:
-        """One page of rows in creation order (``seq``), after the row with id ``after``.
+        """One page of rows ordered by (``order_by``, id), after the row with id ``after``.
 
-        An ``after`` that names no row (or one outside ``where``) starts from the beginning, as
-        OpenAI's cursors do for an unknown id.
+        Files and jobs are ordered by ``seq`` (their creation order); evals by ``created_at`` or
+        ``updated_at``. An ``after`` that names no row (or one outside ``where``) starts from the
+        beginning, as OpenAI's cursors do for an unknown id.
         """
         with self.session() as s:
             q = select(cls).where(*where)
+            column = getattr(cls, order_by)
+            key = (column, cls.id)
             if after is not None:
-                anchor = s.scalar(select(cls.seq).where(cls.id == after, *where))
+                anchor = s.scalar(select(cls).where(cls.id == after, *where))
                 if anchor is not None:
-                    q = q.where(cls.seq < anchor if newest_first else cls.seq > anchor)
-            rows = list(s.scalars(q.order_by(cls.seq.desc() if newest_first else cls.seq).limit(limit + 1)))
+                    pivot = (getattr(anchor, order_by), anchor.id)
+                    cmp = (
+                        (column < pivot[0]) | ((column == pivot[0]) & (cls.id < pivot[1]))
+                        if newest_first
+                        else (column > pivot[0]) | ((column == pivot[0]) & (cls.id > pivot[1]))
+                    )
+                    q = q.where(cmp)
+            order = [k.desc() for k in key] if newest_first else list(key)
+            rows = list(s.scalars(q.order_by(*order).limit(limit + 1)))
             return rows[:limit], len(rows) > limit
 
     # -- settings ------------------------------------------------------------------------------
@@ -372,3 +400,77 @@ class Store:
         """Raises if the database cannot be reached."""
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    # -- eval runs -----------------------------------------------------------------------------
+    def update_eval_run(
+        self,
+        run_id: str,
+        *,
+        only_if_status: Collection[EvalRunStatus] | None = None,
+        only_if_worker: str | None = None,
+        **values: Any,
+    ) -> bool:
+        """Conditional update; False when the run is gone, not in one of ``only_if_status``, or (with
+        ``only_if_worker``) held by another worker. Status changes go through
+        ``tunelab.store.eval_lifecycle``, which calls this."""
+        with self.session() as s:
+            q = update(EvalRunRow).where(EvalRunRow.id == run_id)
+            if only_if_status is not None:
+                q = q.where(EvalRunRow.status.in_(only_if_status))
+            if only_if_worker is not None:
+                q = q.where(EvalRunRow.worker_id == only_if_worker)
+            return cast(CursorResult[Any], s.execute(q.values(**values))).rowcount == 1
+
+    def claim_eval_run(
+        self, worker_id: str, *, from_status: EvalRunStatus, to_status: EvalRunStatus
+    ) -> EvalRunRow | None:
+        """Atomically move the oldest run in ``from_status`` to ``to_status`` for ``worker_id``."""
+        with self.session() as s:
+            candidates = s.execute(
+                select(EvalRunRow.id, EvalRunRow.attempts)
+                .where(EvalRunRow.status == from_status)
+                .order_by(EvalRunRow.created_at, EvalRunRow.id)
+                .limit(5)
+            ).all()
+        for run_id, attempts in candidates:
+            # Conditional on the attempts read too: two workers cannot both count the same claim.
+            with self.session() as s:
+                q = (
+                    update(EvalRunRow)
+                    .where(EvalRunRow.id == run_id, EvalRunRow.status == from_status, EvalRunRow.attempts == attempts)
+                    .values(status=to_status, worker_id=worker_id, started_at=now(), attempts=attempts + 1)
+                )
+                claimed = cast(CursorResult[Any], s.execute(q)).rowcount == 1
+            if claimed:
+                return self.get(EvalRunRow, run_id)
+        return None
+
+    def eval_runs_in(self, statuses: Collection[EvalRunStatus]) -> list[EvalRunRow]:
+        with self.session() as s:
+            return list(s.scalars(select(EvalRunRow).where(EvalRunRow.status.in_(statuses))))
+
+    def eval_run_status(self, run_id: str) -> EvalRunStatus | None:
+        with self.session() as s:
+            return s.scalar(select(EvalRunRow.status).where(EvalRunRow.id == run_id))
+
+    def output_items(
+        self, run_id: str, *, after: str | None, limit: int, newest_first: bool = False, status: str | None = None
+    ) -> tuple[list[EvalOutputItemRow], bool]:
+        """One page of a run's output items in data-source order, after the item with id ``after``."""
+        with self.session() as s:
+            q = select(EvalOutputItemRow).where(EvalOutputItemRow.run_id == run_id)
+            if status is not None:
+                q = q.where(EvalOutputItemRow.status == status)
+            key = EvalOutputItemRow.datasource_item_id
+            if after is not None:
+                anchor = s.scalar(select(key).where(EvalOutputItemRow.id == after))
+                if anchor is not None:
+                    q = q.where(key < anchor if newest_first else key > anchor)
+            rows = list(s.scalars(q.order_by(key.desc() if newest_first else key).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
+
+    def graded_items(self, run_id: str) -> list[EvalOutputItemRow]:
+        """Every output item of a run written so far, in data-source order."""
+        with self.session() as s:
+            q = select(EvalOutputItemRow).where(EvalOutputItemRow.run_id == run_id)
+            return list(s.scalars(q.order_by(EvalOutputItemRow.datasource_item_id)))

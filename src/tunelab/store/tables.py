@@ -8,9 +8,10 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
 
 DEFAULT_PROJECT = "proj-default"
@@ -73,6 +74,8 @@ class JobRow(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     result_files: Mapped[list[Any]] = mapped_column(default=list)
     integrations: Mapped[list[Any]] = mapped_column(default=list)
+    # tunelab extension: {"eval_id", "data_source"} run on the final model and its base at the end
+    eval_on_finish: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
 
 
 class EventRow(Base):
@@ -171,3 +174,62 @@ class WorkerRow(Base):
     started_at: Mapped[int] = mapped_column(BigInteger)
     heartbeat_at: Mapped[int] = mapped_column(BigInteger, index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class EvalRow(Base):
+    """An eval: what items look like and how answers are graded (``testing_criteria``)."""
+
+    __tablename__ = "evals"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(256))
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    data_source_config: Mapped[dict[str, Any]] = mapped_column()  # {"type": "custom", "item_schema", ...}
+    testing_criteria: Mapped[list[Any]] = mapped_column()  # as echoed: each with its "id"
+
+
+class EvalRunRow(Base):
+    """A run of an eval on one data source (and model): a row that a worker claims, like a job."""
+
+    __tablename__ = "eval_runs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    model: Mapped[str] = mapped_column(String(512))  # as asked for (a deployment name or model id); "" for jsonl
+    data_source: Mapped[dict[str, Any]] = mapped_column()  # as echoed
+    status: Mapped[EvalRunStatus] = mapped_column(
+        Enum(EvalRunStatus, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e]), index=True
+    )
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far: a run that kills workers fails
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    result_counts: Mapped[dict[str, Any]] = mapped_column()
+    per_model_usage: Mapped[list[Any]] = mapped_column(default=list)
+    per_testing_criteria_results: Mapped[list[Any]] = mapped_column(default=list)
+    classification_report: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    tracking: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)  # the MLflow run it was logged to
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the job that asked for it
+    error: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+
+class EvalOutputItemRow(Base):
+    """One graded item of a run; written as it is graded, so a run that stops goes on from there."""
+
+    __tablename__ = "eval_output_items"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    eval_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    datasource_item_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(8))  # pass | fail
+    errored: Mapped[bool] = mapped_column(default=False)
+    datasource_item: Mapped[dict[str, Any]] = mapped_column()
+    results: Mapped[list[Any]] = mapped_column()
+    sample: Mapped[dict[str, Any]] = mapped_column()
+    __table_args__ = (UniqueConstraint("run_id", "datasource_item_id", name="uq_eval_output_items_run_item"),)

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 from tunelab.config import Settings
 from tunelab.models.catalog import ModelNotFound, ModelSource, model_source
 from tunelab.models.folder import context_length, method_of
-from tunelab.store import Store, lifecycle
+from tunelab.store import Store, eval_lifecycle, lifecycle
 from tunelab.store.blobs import BlobStore
 from tunelab.store.db import new_id, now
+from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import FileRow, JobRow, ModelRow
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop
 from tunelab.training.hparams import Hyperparameters, JobSpec
 
 if TYPE_CHECKING:
+    from tunelab.evals.runner import EvalRunner
     from tunelab.training.recipe import TrainResult, TrainSpec
     from tunelab.training.tracking import JobTracker
 
@@ -125,6 +127,7 @@ class Worker:
         self.job_id: str | None = None
         """The job being trained, reported with each heartbeat."""
         self._beating = threading.Event()
+        self._evals: EvalRunner | None = None
 
     def stopping(self) -> bool:
         """SIGTERM/SIGINT received, or (embedded worker) the server is gone."""
@@ -174,7 +177,7 @@ class Worker:
         log.info("worker %s stopping: a running job is paused after its current step and queued again", self.id)
 
     def requeue_orphans(self) -> None:
-        """Jobs held by a dead worker go back to the queue (pausing ones are paused).
+        """Jobs and eval runs held by a dead worker go back to the queue (pausing jobs are paused).
 
         A worker is dead when it is on this host and its process is gone, or when its heartbeat
         is older than ``worker_timeout_seconds`` (any host), or when a job has been held for that
@@ -183,21 +186,27 @@ class Worker:
         """
         lapse = now() - self.settings.worker_timeout_seconds
         registered = {w.id: w for w in self.store.workers()}
-        for job in self.store.jobs_held():
-            holder = job.worker_id or ""
+
+        def dead(holder: str, since: int | None) -> str | None:
+            """Why the worker ``holder`` (holding a job or run since ``since``) is dead; None if alive."""
             owner, _, pid = holder.rpartition(":")
             worker = registered.get(holder)
             if holder == self.id:
-                continue
+                return None
             if owner == self.host and pid.isdigit() and not _alive(int(pid)):
-                reason = f"The worker running this job ({holder}) stopped"
-            elif worker is not None and worker.heartbeat_at < lapse:
-                reason = f"The worker running this job ({holder}) stopped sending heartbeats"
-            elif worker is None and (job.started_at or 0) < lapse:
-                reason = f"The worker running this job ({holder}) is not registered"
-            else:
-                continue
-            lifecycle.requeue(self.store, job.id, reason, worker_id=job.worker_id)
+                return f"The worker running this job ({holder}) stopped"
+            if worker is not None and worker.heartbeat_at < lapse:
+                return f"The worker running this job ({holder}) stopped sending heartbeats"
+            if worker is None and (since or 0) < lapse:
+                return f"The worker running this job ({holder}) is not registered"
+            return None
+
+        for job in self.store.jobs_held():
+            if reason := dead(job.worker_id or "", job.started_at):
+                lifecycle.requeue(self.store, job.id, reason, worker_id=job.worker_id)
+        for run in self.store.eval_runs_in([EvalRunStatus.IN_PROGRESS]):
+            if dead(run.worker_id or "", run.started_at):
+                eval_lifecycle.requeue(self.store, run.id, worker_id=run.worker_id)
         for worker in registered.values():
             if worker.id != self.id and worker.heartbeat_at < lapse:
                 self.store.forget_worker(worker.id)
@@ -216,10 +225,10 @@ class Worker:
                     resume.remove(folder)
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when none was queued."""
+        """Claim and run one job, else one eval run; False when neither was queued."""
         job = lifecycle.claim(self.store, self.id)
         if job is None:
-            return False
+            return self.evals().run_once()
         self.job_id = job.id
         self.beat()
         try:
@@ -228,6 +237,14 @@ class Worker:
             self.job_id = None
             self.beat()
         return True
+
+    def evals(self) -> EvalRunner:
+        if self._evals is None:
+            from tunelab.evals.runner import EvalRunner
+            from tunelab.training.tracking import tracking_uri
+
+            self._evals = EvalRunner(self.settings, self.store, self.id, self.stopping, tracking_uri(self.settings))
+        return self._evals
 
     def _run(self, job: JobRow) -> None:
         from tunelab.training import resume
@@ -408,3 +425,7 @@ class Worker:
         )
         if not done:  # cancelled at the last moment: keep the outputs out of the catalogue
             self.store.delete(ModelRow, ft_model)
+        elif job.eval_on_finish:
+            from tunelab.evals.runner import queue_job_evals
+
+            queue_job_evals(self.store, self.settings, job, ft_model)
