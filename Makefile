@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # CPU build by default; for a GPU: `make setup TORCH_SPEC=torch` (pulls the CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo check test test-fast test-slow test-all clean
+.PHONY: setup demo check test test-fast test-slow test-all test-vllm vllm clean
 
 $(BIN)/tunelab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ $(BIN)/tunelab: pyproject.toml
 	touch $@
 
 setup: $(BIN)/tunelab
+
+# vLLM in an environment of its own (~4 min, ~2.5 GB; never part of setup): .venv-vllm.
+# tcmalloc is optional (vLLM's CPU docs preload it); installed where apt-get can.
+vllm: setup
+	-@[ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q libtcmalloc-minimal4 >/dev/null)
+	$(BIN)/tunelab engines install vllm
 
 demo: setup
 	$(BIN)/python examples/demo.py
@@ -43,5 +49,9 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+# The vLLM engine through the real server (installs vLLM first; ~10 min on 2 cores).
+test-vllm: vllm
+	$(BIN)/python -m pytest -q -m vllm
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .venv-vllm build src/*.egg-info

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import os
 
-# The server and its worker share the CPU: with OpenMP's default busy-waiting, two torch processes
-# on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import contextlib  # noqa: E402
+import contextlib
 import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
 from tunelab.cli_data import app as data_app
+from tunelab.cli_engines import app as engines_app
 from tunelab.config import Settings
 
 app = typer.Typer(
@@ -29,11 +26,29 @@ app = typer.Typer(
 models_app = typer.Typer(help="The model catalogue: base models you can fine-tune and serve.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")
 ]
+
+
+def _openmp_for(role: Literal["serve", "train"], settings: Settings, *, beside_worker: bool = False) -> None:
+    """Set OpenMP's wait policy for this process's role; OpenMP reads it once, when torch loads.
+
+    Spinning (active) threads are fastest on cores nothing else uses, but beside another busy torch
+    process every barrier waits for a descheduled sibling: 4-10x slower on 2 cores. So a process
+    that shares the CPU (the server beside its embedded worker, a worker) waits passively, and a
+    server alone (--no-worker) spins (docs/serving.md has the measurements).
+    """
+    if role == "serve":
+        policy = settings.serve_wait_policy
+        if policy == "auto":
+            policy = "passive" if beside_worker else "active"
+    else:
+        policy = settings.train_wait_policy
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -64,6 +79,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
+    _openmp_for("serve", settings, beside_worker=worker)
     key, generated = resolve_api_key(settings, _store(settings))
     if generated:
         console.print(f"[bold]Generated API key[/bold] (stored in {settings.data_path}): {key}")
@@ -82,7 +98,13 @@ def serve(
         ]
         child = subprocess.Popen(cmd)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # then in-flight generations are cancelled
+        )
     finally:
         if child is not None:  # it pauses its running job after the current step, then exits
             child.terminate()
@@ -103,6 +125,7 @@ def worker_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
+    _openmp_for("train", settings)
     _store(settings)
     quiet_http_retries()
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.models.catalog import ModelNotFound
+from tunelab.serving.chat import ServerBusy
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
-from tunelab.serving.engine import PromptTooLong
+from tunelab.serving.generation import EngineUnavailable, PromptTooLong
 from tunelab.serving.ratelimit import RateLimitExceeded
 
 log = logging.getLogger("tunelab.api")
@@ -73,6 +74,11 @@ class RateLimited(APIError):
         self.type = limit  # "requests" or "tokens": the limit that was hit, as OpenAI reports it
 
 
+class ServiceUnavailable(APIError):
+    status = 503
+    code = "engine_unavailable"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -108,7 +114,20 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     ModelNotFound: lambda e: NotFound(f"The model '{e}' does not exist", param="model", code="model_not_found"),
     PromptTooLong: lambda e: InvalidRequest(str(e), param="messages", code="context_length_exceeded"),
     RateLimitExceeded: _rate_limited,
+    ServerBusy: lambda e: _busy(e),
+    EngineUnavailable: lambda e: ServiceUnavailable(str(e), headers=_retry(e.retry_after)),
 }
+
+
+def _busy(e: ServerBusy) -> RateLimited:
+    """Every generation slot is taken: 429 with retry-after, which the SDK's retries honour."""
+    error = RateLimited(str(e), limit="requests", headers=_retry(e.retry_after))
+    error.code = "server_busy"
+    return error
+
+
+def _retry(seconds: float) -> dict[str, str]:
+    return {"retry-after": str(math.ceil(seconds)), "retry-after-ms": str(math.ceil(seconds * 1000))}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
