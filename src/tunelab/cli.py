@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import contextlib
 import logging
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +103,7 @@ def serve(
             host=host,
             port=port,
             log_level="info",
-            timeout_graceful_shutdown=settings.shutdown_grace_seconds,  # then in-flight generations are cancelled
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),  # then in-flight generations are cancelled
         )
     finally:
         if child is not None:  # it pauses its running job after the current step, then exits
