@@ -103,7 +103,8 @@ def serve(
             host=host,
             port=port,
             log_level="info",
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),  # then in-flight generations are cancelled
+            # after this long, in-flight requests (and so their generations) are cancelled
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
         )
     finally:
         if child is not None:  # it pauses its running job after the current step, then exits
