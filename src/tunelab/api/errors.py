@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunelab.models.catalog import ModelNotFound
 from tunelab.serving.chat import ServerBusy
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
-from tunelab.serving.generation import EngineUnavailable, PromptTooLong
+from tunelab.serving.generation import EngineUnavailable, GenerationRejected, PromptTooLong
 from tunelab.serving.ratelimit import RateLimitExceeded
 
 log = logging.getLogger("tunelab.api")
@@ -116,6 +116,7 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     RateLimitExceeded: _rate_limited,
     ServerBusy: lambda e: _busy(e),
     EngineUnavailable: lambda e: ServiceUnavailable(str(e), headers=_retry(e.retry_after)),
+    GenerationRejected: lambda e: InvalidRequest(str(e), code="invalid_value"),
 }
 
 

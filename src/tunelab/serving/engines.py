@@ -26,6 +26,10 @@ class VllmNotInstalled(RuntimeError):
 
 
 def builtin_engine(settings: Settings) -> Engine:
+    if settings.serve_threads is not None:  # this process is the serving one (TUNELAB_SERVE_THREADS)
+        import torch
+
+        torch.set_num_threads(settings.serve_threads)
     return Engine(
         settings.device,
         max_batch=settings.max_batch,

@@ -59,6 +59,10 @@ class EngineUnavailable(RuntimeError):
         self.retry_after = retry_after
 
 
+class GenerationRejected(ValueError):
+    """The engine refused the request as invalid (vLLM's 4xx); the message is the engine's."""
+
+
 class Cancelled(Exception):
     """The generation was cancelled before it finished."""
 
@@ -101,12 +105,12 @@ class Generation:
         self._events: deque[Event] = deque()
         self._cond = threading.Condition()
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._on_cancel: list[Callable[[], None]] = []
+        self._on_cancel: list[Callable[[], object]] = []
         self._on_end: list[Callable[[Generation], None]] = []
         self._ended = False
 
     # -- the engine's side ---------------------------------------------------------------------
-    def on_cancel(self, fn: Callable[[], None]) -> None:
+    def on_cancel(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` when the caller cancels (at once if it already has)."""
         with self._cond:
             if not self.cancelled:

@@ -155,8 +155,8 @@ def launch(
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a vLLM OpenAI server for ``model_dir`` on 127.0.0.1:``port``.
 
-    ``workdir`` is the instance's own folder: its TMPDIR (vLLM leaves sockets and compile caches
-    there), its cwd and its cache root, removed when it stops.
+    ``workdir`` is the instance's own short folder: its TMPDIR (vLLM binds unix sockets and leaves
+    compile caches there), its cwd and its cache root, removed when it stops.
     """
     cmd = [
         str(vllm.python),
