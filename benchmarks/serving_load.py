@@ -178,9 +178,8 @@ def run(proc: subprocess.Popen, url: str, args: argparse.Namespace) -> None:
     errors = sum(n for k, n in outcomes.items() if "ERROR" in k)
     ms = sorted(control_ms)
     p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))] if ms else float("nan")
-    print(
-        f"\n# {datetime.date.today()}, {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    )
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n# {datetime.date.today()}, {os.cpu_count()} CPUs, load average {load}")
     print(f"{args.clients} clients, {args.seconds:.0f} s, a LoRA job training in the embedded worker")
     print("| outcome | requests |\n|---|---|")
     for kind, n in sorted(outcomes.items()):
