@@ -228,7 +228,7 @@ def start_llama_cpp(tmp: Path, args: argparse.Namespace) -> Target:
     port = free_port()
     log = tmp / "llama.log"
     cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
-    cmd += ["--n_threads", str(args.llama_threads), "--n_ctx", "4096", "--chat_format", "chatml"]
+    cmd += ["--n_threads", str(args.llama_threads), "--n_ctx", "4096", "--model_alias", "smol"]
     t = time.time()
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)

@@ -162,7 +162,8 @@ def test_chat_bounds_are_checked_at_the_door(srv: Server, field: str, value):
         timeout=30,
     )
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == field and r.json()["error"]["type"] == "invalid_request_error"
+    error = r.json()["error"]
+    assert error["param"].split(".")[0] == field and error["type"] == "invalid_request_error"
 
 
 def test_max_tokens_above_the_server_cap_is_400_and_int64_seeds_work(srv: Server):
@@ -230,4 +231,5 @@ def test_sigterm_cancels_what_is_still_generating_within_the_grace(tmp_path, lon
         waiter.join(timeout=30)
         assert "error" in outcome  # the non-streamed request was not answered after shutdown
     finally:
-        stop_server(server)
+        if server.proc.poll() is None:
+            stop_server(server)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from tunelab.serving.engine import SamplingParams
+from tunelab.serving.generation import SamplingParams
 from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import DeploymentRow, EventRow, FileRow, JobRow, ModelRow
 from tunelab.training.hparams import JobSpec

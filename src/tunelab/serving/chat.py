@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from tunelab.serving.deployer import Deployer
-from tunelab.serving.generation import DEFAULT_MAX_TOKENS, Completion, Generation, SamplingParams, ServingEngine
+from tunelab.serving.generation import DEFAULT_MAX_TOKENS, Generation, SamplingParams, ServingEngine
 from tunelab.serving.ratelimit import RateLimiter, RateLimitExceeded
 from tunelab.store import Store
 from tunelab.store.tables import DeploymentRow
@@ -107,10 +107,6 @@ class ChatService:
         """
         model = self.deployer.resolve(name, wait=False)
         return Admitted(model, self._rate_limit(name, model, messages, params))
-
-    def generate(self, model: str, messages: Messages, params: SamplingParams) -> tuple[list[Completion], int]:
-        """``params.n`` completions and the prompt's token count (blocking; not for the event loop)."""
-        return self.engine.generate(model, messages, self._defaults(params))
 
     def close(self, grace: float) -> None:
         """Stop admitting; let running generations finish for up to ``grace`` seconds, cancel the
