@@ -64,8 +64,8 @@ def create_engine(settings: Settings) -> ServingEngine:
 
 
 class Router:
-    """``auto``: each model on vLLM when vLLM serves it (its architecture, its adapter's shape),
-    else on the built-in engine; an adapter goes where its base is."""
+    """``auto``: each model on vLLM when vLLM serves it (its architecture; for an adapter, tunelab's
+    checks: its rank within the limit, its shapes fitting the base), else on the built-in engine."""
 
     name = "auto"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -71,6 +73,7 @@ MAX_RESTARTS = 3
 """Restarts within ``RESTART_WINDOW`` seconds before a crashing server is given up on."""
 RESTART_WINDOW = 600.0
 INT64 = 2**63
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 class VllmFailed(RuntimeError):
@@ -427,7 +430,13 @@ class VllmEngine:
         log.info("starting vLLM for %s on port %d (log %s)", server.model_dir.name, server.port, server.log_path)
         with server.log_path.open("ab") as out:
             server.proc = subprocess.Popen(
-                cmd, env=env, cwd=server.tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=env,
+                cwd=server.tmp,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -538,6 +547,13 @@ class VllmEngine:
             # the tokenizer is not re-entrant: count under the lock (a few hundred microseconds)
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(encoded["input_ids"])
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before vLLM starts: SIGTERM it when tunelab's supervising thread dies, however
+    tunelab ends (even SIGKILL); on SIGTERM vLLM's API server stops its own engine processes."""
+    if _LIBC is not None:  # loaded beforehand: nothing may be imported between fork and exec
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _group_members(pgid: int) -> list[int]:
