@@ -587,7 +587,12 @@ def _log_error(path: Path, lines: int = 200) -> str:
         tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     except OSError:
         return "(no log)"
-    for line in reversed(tail):
-        if "Error" in line or "error:" in line:
-            return line.strip()[-800:]
+    for i in range(len(tail) - 1, -1, -1):
+        if "Error" in tail[i] or "error:" in tail[i]:
+            # an exception's own line, and the indented lines under it (pydantic puts the reason there)
+            detail = [tail[i].strip()]
+            for line in tail[i + 1 : i + 3]:
+                if line.startswith((" ", "\t")) and line.strip() and not line.strip().startswith("For further"):
+                    detail.append(line.strip())
+            return " ".join(detail)[-800:]
     return tail[-1].strip()[-800:] if tail else "(empty log)"
