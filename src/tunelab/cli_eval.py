@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.store.eval_lifecycle import EvalRunStatus
+
 app = typer.Typer(help="Evaluate models: the Evals API from the command line.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
@@ -125,7 +127,7 @@ def run(
         for m in model
     ]
     deadline = time.time() + timeout
-    while any(r["status"] in ("queued", "in_progress") for r in runs):
+    while not all(EvalRunStatus(r["status"]).is_finished for r in runs):
         if time.time() > deadline:
             err.print("[red]error:[/red] the runs did not finish in time: " + ", ".join(r["id"] for r in runs))
             raise typer.Exit(1)

@@ -133,7 +133,7 @@ def test_a_job_evaluates_its_model_and_base_with_mlflow_and_the_cli_compares_the
     )
 
     raw = requests.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}", headers={"api-key": KEY}).json()
-    job_run = raw["integrations"][0]["mlflow"]["run_id"]  # the SDK types integrations as W&B entries
+    job_run = raw["tunelab"]["mlflow"]["run_id"]  # tunelab extension: where the job is tracked
     mlflow = MlflowClient(f"sqlite:///{server.data_dir / 'mlflow.db'}")
     for r in runs:
         tracked = mlflow.get_run(r.tracking["run_id"])

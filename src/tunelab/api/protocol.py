@@ -13,6 +13,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from tunelab.evals.graders import SimilarityMetric
 from tunelab.serving.generation import SamplingParams
 from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
@@ -667,19 +668,7 @@ class TextSimilarityGrader(GraderBase):
     type: Literal["text_similarity"]
     input: str
     reference: str
-    evaluation_metric: Literal[
-        "cosine",
-        "fuzzy_match",
-        "bleu",
-        "gleu",
-        "meteor",
-        "rouge_1",
-        "rouge_2",
-        "rouge_3",
-        "rouge_4",
-        "rouge_5",
-        "rouge_l",
-    ]
+    evaluation_metric: Literal["cosine"] | SimilarityMetric  # cosine: a clear 400 (no embeddings model)
     pass_threshold: float = Field(ge=0, le=1)
 
 

@@ -16,22 +16,14 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from tunelab.evals.templates import MissingValue, render
 
-SIMILARITY_METRICS = (
-    "fuzzy_match",
-    "bleu",
-    "gleu",
-    "meteor",
-    "rouge_1",
-    "rouge_2",
-    "rouge_3",
-    "rouge_4",
-    "rouge_5",
-    "rouge_l",
-)
+SimilarityMetric = Literal[
+    "fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"
+]
+SIMILARITY_METRICS: tuple[str, ...] = get_args(SimilarityMetric)
 """``text_similarity`` metrics tunelab computes; ``cosine`` needs an embeddings model it does not have."""
 
 GRADER_TYPES = ("string_check", "text_similarity", "label_model", "score_model")
