@@ -125,8 +125,12 @@ def test_a_job_evaluates_its_model_and_base_with_mlflow_and_the_cli_compares_the
     assert set(by_model) == {BASE_MODEL, job.fine_tuned_model}
     assert all(r.status == "completed" and r.result_counts.total == len(REVIEWS) for r in runs)
 
-    events = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "eval"]
-    finished = [e for e in events if "passed" in e.message]
+    while True:  # the worker reports a run as a job event just after the run completes
+        events = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "eval"]
+        finished = [e for e in events if "passed" in e.message]
+        if len(finished) == 2 or time.time() > deadline:
+            break
+        time.sleep(1)
     assert {e.data["model"] for e in finished} == set(by_model)
     assert all(
         e.data["metrics"]["accuracy"] == by_model[e.data["model"]].classification_report["accuracy"] for e in finished

@@ -119,6 +119,7 @@ def test_the_lab_in_the_browser(page: Page, lab_server: Server):
     expect(chart).to_have_attribute("data-points", "12")
     expect(page.locator("#job-checkpoints .star")).to_have_count(1)
     expect(page.locator("#final-model")).to_contain_text(f"ft:{BASE_MODEL}:lab:")
+    expect(page.locator("#mlflow")).to_contain_text("tunelab")  # the job's run, in the default experiment
     csv = page.request.get(f"{url}/ui/jobs/{job_id}/metrics.csv").text().splitlines()
     assert csv[0].startswith("step,train_loss") and len(csv) == 13
     page.locator("#job-chart").scroll_into_view_if_needed()

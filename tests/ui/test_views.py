@@ -122,3 +122,12 @@ def test_full_fine_tuning_and_bad_values():
         JobForm(model=BASE, training_file="f", lora_dropout="2").to_request()
     with pytest.raises(InvalidRequest, match="seed"):
         JobForm(model=BASE, training_file="f", seed="x").to_request()
+
+
+def test_the_mlflow_run_links_to_a_tracking_server_and_never_shows_a_local_path():
+    assert views.mlflow_run(job(), None) is None  # not tracked yet
+    tracked = job(tunelab={"project_id": "proj-default", "mlflow": {"run_id": "r1", "experiment_id": "7"}})
+    local = views.mlflow_run(tracked, None)
+    assert local == {"run_id": "r1", "experiment_id": "7"}
+    served = views.mlflow_run(tracked, "http://mlflow.internal:5000/")
+    assert served["url"] == "http://mlflow.internal:5000/#/experiments/7/runs/r1"

@@ -161,7 +161,7 @@ def _live(state: AppState, caller: Principal, job_id: str) -> dict[str, Any]:
         "best": views.best_checkpoint(checkpoints),
         "epochs": views.epoch_ends(job, progress),
         "settings": views.job_settings(job),
-        "mlflow": views.mlflow_run(job),
+        "mlflow": views.mlflow_run(job, state.settings.mlflow_tracking_uri),
         "deployment_name": views.deployment_name,
         "elapsed": views.duration(job),
     }

@@ -131,16 +131,17 @@ def duration(job: FineTuningJob) -> float:
     return (job.finished_at or time.time()) - job.created_at
 
 
-def mlflow_run(job: FineTuningJob) -> dict[str, Any] | None:
-    """The job's MLflow run, with a ``url`` when the tracking server is one a browser can open."""
-    for entry in job.integrations or []:
-        if entry.get("type") == "mlflow":
-            run = dict(entry["mlflow"])
-            uri = str(run.get("tracking_uri") or "")
-            if uri.startswith(("http://", "https://")):
-                run["url"] = f"{uri.rstrip('/')}/#/experiments/{run.get('experiment_id')}/runs/{run.get('run_id')}"
-            return run
-    return None
+def mlflow_run(job: FineTuningJob, tracking_uri: str | None) -> dict[str, Any] | None:
+    """The job's MLflow run (``job.tunelab.mlflow``), with a ``url`` when the server tracks to an
+    MLflow server a browser can open (``tracking_uri``: TUNELAB_MLFLOW_TRACKING_URI; None is the
+    local store in the data dir, whose path is not shown, as in the API)."""
+    if job.tunelab.mlflow is None:
+        return None
+    run = job.tunelab.mlflow.model_dump(exclude_none=True)
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        run["tracking_uri"] = tracking_uri
+        run["url"] = f"{tracking_uri.rstrip('/')}/#/experiments/{run.get('experiment_id')}/runs/{run['run_id']}"
+    return run
 
 
 def sparkline(values: list[float], width: int = 160, height: int = 32) -> str:
