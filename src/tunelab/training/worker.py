@@ -312,6 +312,7 @@ class Worker:
         tracker.log_params(
             {
                 "base_model": job.model,
+                "method_type": (job.method or {}).get("type", "supervised"),
                 "training_file": job.training_file,
                 "validation_file": job.validation_file,
                 "seed": job.seed,
