@@ -40,7 +40,7 @@ def start_server() -> tuple[subprocess.Popen, str]:
     log = (DATA_DIR.parent / "demo-server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir", str(DATA_DIR)],
-        env={**os.environ, "TUNELAB_API_KEY": KEY},
+        env={**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": "builtin"},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

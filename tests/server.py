@@ -76,7 +76,9 @@ def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | N
     cmd = [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir", str(data_dir)]
     if not worker:
         cmd.append("--no-worker")
-    full_env = {**os.environ, "TUNELAB_API_KEY": KEY, **(env or {})}
+    # The built-in engine unless a test asks for another (a .venv-vllm beside the checkout would
+    # otherwise make "auto" start vLLM for every test server).
+    full_env = {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": "builtin", **(env or {})}
     proc = subprocess.Popen(cmd, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

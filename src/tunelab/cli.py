@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
-# The server and its worker share the CPU: with OpenMP's default busy-waiting, two torch processes
-# on a small machine slow each other down 10-40x (benchmarks/RESULTS.md). Read at torch import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import asyncio  # noqa: E402
+import asyncio
 import contextlib
 import logging
+import math
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
 from tunelab.cli_data import app as data_app
+from tunelab.cli_engines import app as engines_app
 from tunelab.cli_eval import app as eval_app
 from tunelab.config import Settings
 
@@ -31,11 +28,29 @@ models_app = typer.Typer(help="The model catalogue: base models you can fine-tun
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Data folder (env TUNELAB_DATA_DIR, default ~/.tunelab).")
 ]
+
+
+def _openmp_for(role: Literal["serve", "train"], settings: Settings, *, beside_worker: bool = False) -> None:
+    """Set OpenMP's wait policy for this process's role; OpenMP reads it once, when torch loads.
+
+    Spinning (active) threads are fastest on cores nothing else uses, but beside another busy torch
+    process every barrier waits for a descheduled sibling: 4-10x slower on 2 cores. So a process
+    that shares the CPU (the server beside its embedded worker, a worker) waits passively, and a
+    server alone (--no-worker) spins (docs/serving.md has the measurements).
+    """
+    if role == "serve":
+        policy = settings.serve_wait_policy
+        if policy == "auto":
+            policy = "passive" if beside_worker else "active"
+    else:
+        policy = settings.train_wait_policy
+    os.environ["OMP_WAIT_POLICY"] = policy.upper()
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -68,6 +83,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
+    _openmp_for("serve", settings, beside_worker=worker)
     store = _store(settings)
     generated = bootstrap_admin_key(settings, store)
     if generated:
@@ -87,7 +103,14 @@ def serve(
                 await asyncio.to_thread(supervisor.stop)
 
     app_ = create_app(settings, lifespan=lifespan, supervisor=supervisor)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    uvicorn.run(
+        app_,
+        host=host,
+        port=port,
+        log_level="info",
+        # after this long, in-flight requests (and so their generations) are cancelled
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+    )
 
 
 @app.command("worker")
@@ -101,6 +124,7 @@ def worker_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
+    _openmp_for("train", settings)
     _store(settings)
     quiet_http_retries()
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once

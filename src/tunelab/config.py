@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,7 +54,73 @@ class Settings(BaseSettings):
         default=None,
         description="CPU threads per training job; default every core (set 1 for several workers on one CPU).",
     )
-    max_batch: int = Field(default=8, ge=1, description="Chat requests batched into one generate per model; 1 = none.")
+    # -- serving (docs/serving.md explains each default) -------------------------------------------
+    serving_engine: Literal["auto", "builtin", "vllm"] = Field(
+        default="auto",
+        description="Which engine generates: 'builtin' (transformers + PEFT in this process), 'vllm' (a supervised "
+        "vLLM server per base model), 'auto' (vLLM where it is installed and supports the model, else built-in).",
+    )
+    max_batch: int | None = Field(
+        default=None, ge=1, description="Built-in engine: most rows decoded together per base; default: the KV budget."
+    )
+    kv_cache_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Built-in engine: KV-cache bytes per base (the batch limit); default 20% of available memory "
+        "on a CPU, 50% of free GPU memory.",
+    )
+    serving_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Built-in engine: 'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32."
+    )
+    serve_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads of the serving process (built-in engine); default every core."
+    )
+    serve_wait_policy: Literal["auto", "active", "passive"] = Field(
+        default="auto",
+        description="OpenMP waiting of the serving process: 'auto' = passive beside an embedded worker, active "
+        "with --no-worker (set before torch loads).",
+    )
+    train_wait_policy: Literal["active", "passive"] = Field(
+        default="passive", description="OpenMP waiting of training workers (set before torch loads)."
+    )
+    default_max_tokens: int = Field(
+        default=1024, ge=1, description="Answer tokens when a chat request names no max_tokens."
+    )
+    max_tokens_limit: int = Field(
+        default=8192, ge=1, description="Largest max_tokens a chat request may ask for (400 above)."
+    )
+    max_pending_chats: int = Field(
+        default=128,
+        ge=1,
+        description="Chat requests admitted at once (decoding or queued in the engine); more get 429 + retry-after.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="On shutdown, in-flight generations may finish this long, then are cancelled."
+    )
+    vllm_venv: Path | None = Field(
+        default=None,
+        description="vLLM's virtualenv (`tunelab engines install vllm`); default .venv-vllm beside tunelab's.",
+    )
+    vllm_kv_cache_gib: int = Field(default=2, ge=1, description="vLLM on a CPU: KV-cache GiB per vLLM process.")
+    vllm_threads: int = Field(default=1, ge=1, description="vLLM on a CPU: OpenMP threads per vLLM process.")
+    vllm_cpu_bind: str = Field(
+        default="nobind",
+        description="vLLM on a CPU: VLLM_CPU_OMP_THREADS_BIND ('nobind', 'auto', or cores like '0-1': only on a "
+        "machine nothing else uses).",
+    )
+    vllm_max_loras: int = Field(default=4, ge=1, description="vLLM: adapters active in one batch per base process.")
+    vllm_max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
+        default=64, description="vLLM: the largest LoRA rank a base process accepts."
+    )
+    vllm_max_model_len: int | None = Field(
+        default=4096, ge=16, description="vLLM: context length per sequence (None: the model's own)."
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.45, gt=0, le=1, description="vLLM on CUDA: share of the GPU each vLLM process takes."
+    )
+    vllm_start_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a vLLM process may take to answer /health (58-260 s on 2 cores)."
+    )
     rate_limits: bool = Field(
         default=False,
         description="Enforce each deployment's sku capacity as Azure does (1000 tokens, 6 requests/min per unit).",

@@ -127,9 +127,6 @@ def test_each_key_sees_only_its_own_deployments(srv, teams):
     assert requests.get(url, headers=a, params=API_VERSION).json()["name"] == "dep-a"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="api/chat.py (issue 10's file) must pass project=caller.project_id to ChatService.admit"
-)
 def test_another_projects_deployment_or_model_cannot_be_chatted_with(srv, teams):
     b = srv.openai(key=teams["key_b"])
     for name in ("dep-a", teams["model_a"]):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -15,9 +17,9 @@ from tunelab.api.deps import AppState, require_key
 from tunelab.api.limits import BodyLimit
 from tunelab.config import Settings
 from tunelab.models.catalog import ensure_bundled
-from tunelab.serving.chat import ChatService
+from tunelab.serving.chat import ChatLimits, ChatService
 from tunelab.serving.deployer import Deployer
-from tunelab.serving.engine import Engine
+from tunelab.serving.engines import create_engine
 from tunelab.serving.ratelimit import RateLimiter
 from tunelab.store import Store
 from tunelab.store.blobs import BlobStore
@@ -25,6 +27,26 @@ from tunelab.store.keys import KeyRing, bootstrap_admin_key
 
 log = logging.getLogger("tunelab")
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def serving_lifespan(chat: ChatService, inner: Lifespan | None) -> Lifespan:
+    """Around ``inner`` (``tunelab serve`` starts and stops its worker there): on shutdown,
+    generations still running are cancelled and the engine stops (vLLM's processes with it).
+    uvicorn first lets in-flight requests finish for ``timeout_graceful_shutdown`` (``tunelab serve``
+    sets it to TUNELAB_SHUTDOWN_GRACE_SECONDS), then cancels them."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            if inner is None:
+                yield
+            else:
+                async with inner(app):
+                    yield
+        finally:
+            await asyncio.to_thread(chat.close, 1.0)
+
+    return lifespan
 
 
 def create_app(settings: Settings, *, lifespan: Lifespan | None = None, supervisor: Any = None) -> FastAPI:
@@ -35,9 +57,10 @@ def create_app(settings: Settings, *, lifespan: Lifespan | None = None, supervis
     store = Store(settings.db_url)
     ensure_bundled(store)
     bootstrap_admin_key(settings, store)
-    engine = Engine(settings.device, max_batch=settings.max_batch)
+    engine = create_engine(settings)
     deployer = Deployer(store, engine, settings.cache_path)
-    chat_service = ChatService(store, deployer, RateLimiter() if settings.rate_limits else None)
+    limits = ChatLimits(default_max_tokens=settings.default_max_tokens, max_pending=settings.max_pending_chats)
+    chat_service = ChatService(store, deployer, RateLimiter() if settings.rate_limits else None, limits)
     blobs = BlobStore(settings.blob_path)
     if swept := blobs.sweep_abandoned():
         log.info("deleted %d partial uploads left by processes that died mid-upload", swept)
@@ -51,7 +74,7 @@ def create_app(settings: Settings, *, lifespan: Lifespan | None = None, supervis
         embedded_worker=supervisor is not None,
     )
 
-    app = FastAPI(title="tunelab", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="tunelab", version=__version__, lifespan=serving_lifespan(chat_service, lifespan))
     app.state.tunelab = state
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, upload_bytes=settings.max_upload_bytes)

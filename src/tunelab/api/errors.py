@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunelab.evals.spec import SpecError
 from tunelab.models.catalog import ModelNotFound
+from tunelab.serving.chat import ServerBusy
 from tunelab.serving.deployer import DeploymentFailed, DeploymentNotFound, NotDeployable
-from tunelab.serving.engine import PromptTooLong
+from tunelab.serving.generation import EngineUnavailable, GenerationRejected, PromptTooLong
 from tunelab.serving.ratelimit import RateLimitExceeded
 from tunelab.store.db import DeploymentNameTaken
 
@@ -84,6 +85,11 @@ class RateLimited(APIError):
         self.type = limit  # "requests" or "tokens": the limit that was hit, as OpenAI reports it
 
 
+class ServiceUnavailable(APIError):
+    status = 503
+    code = "engine_unavailable"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -125,7 +131,21 @@ DOMAIN_ERRORS: dict[type[Exception], Callable[[Any], APIError]] = {
     ),
     RateLimitExceeded: _rate_limited,
     SpecError: lambda e: InvalidRequest(e.message, param=e.param, code=e.code),
+    ServerBusy: lambda e: _busy(e),
+    EngineUnavailable: lambda e: ServiceUnavailable(str(e), headers=_retry(e.retry_after)),
+    GenerationRejected: lambda e: InvalidRequest(str(e), code="invalid_value"),
 }
+
+
+def _busy(e: ServerBusy) -> RateLimited:
+    """Every generation slot is taken: 429 with retry-after, which the SDK's retries honour."""
+    error = RateLimited(str(e), limit="requests", headers=_retry(e.retry_after))
+    error.code = "server_busy"
+    return error
+
+
+def _retry(seconds: float) -> dict[str, str]:
+    return {"retry-after": str(math.ceil(seconds)), "retry-after-ms": str(math.ceil(seconds * 1000))}
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:

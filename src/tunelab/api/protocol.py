@@ -11,9 +11,9 @@ import json
 import uuid
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
-from tunelab.serving.engine import SamplingParams
+from tunelab.serving.generation import SamplingParams
 from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import (
@@ -358,11 +358,22 @@ class ModelDeleted(BaseModel):
 
 
 # -- chat completions ----------------------------------------------------------------------------
+INT64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256
+MAX_STOP = 4
+"""OpenAI's limit on stop sequences."""
+MAX_N = 8
+MAX_TOKENS = 2**20
+"""The door's bound; the server's own, lower limit is TUNELAB_MAX_TOKENS_LIMIT (checked by the route)."""
+StopString = Annotated[str, Field(max_length=256)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -376,22 +387,22 @@ class StreamOptions(Strict):
 
 
 class ChatCompletionRequest(Strict):
-    messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    frequency_penalty: float | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[str, str] | None = None
-    n: int = Field(default=1, ge=1, le=8)
-    presence_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model: str = Field(min_length=1, max_length=512)
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
+    seed: INT64 | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     store: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    user: str | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
+    user: str | None = Field(default=None, max_length=256)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -440,6 +451,8 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
+# ``system_fingerprint`` is left out of both: the spec has it optional, not nullable, and tunelab
+# has no fingerprint to give.
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -447,7 +460,6 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class Delta(BaseModel):
@@ -467,7 +479,6 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
     """Sent, null until the last chunk, only when ``stream_options.include_usage`` asks for it."""

@@ -28,7 +28,7 @@ from tunelab.evals import spec
 from tunelab.evals.graders import JudgeAnswer, grade
 from tunelab.evals.report import classification_criterion, classification_report, labels_of
 from tunelab.models.catalog import ModelNotFound, model_source
-from tunelab.serving.engine import Completion, Engine, PromptTooLong, SamplingParams
+from tunelab.serving.generation import Completion, PromptTooLong, SamplingParams, ServingEngine
 from tunelab.store import Store
 from tunelab.store import eval_lifecycle as runs
 from tunelab.store.db import now
@@ -71,7 +71,7 @@ class RunExecutor:
         self,
         store: Store,
         blob_path: Path,
-        engine: Engine,
+        engine: ServingEngine,
         cache_dir: Path,
         *,
         stopping: Callable[[], bool] = lambda: False,

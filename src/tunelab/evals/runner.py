@@ -14,7 +14,8 @@ from tunelab.config import Settings
 from tunelab.evals import service, spec
 from tunelab.evals.executor import RunExecutor
 from tunelab.evals.tracking import job_mlflow_run, log_eval_run, metrics_of, parent_job
-from tunelab.serving.engine import Engine
+from tunelab.serving.engines import create_engine
+from tunelab.serving.generation import ServingEngine
 from tunelab.store import Store
 from tunelab.store import eval_lifecycle as runs
 from tunelab.store.eval_lifecycle import EvalRunStatus
@@ -23,18 +24,23 @@ from tunelab.store.tables import EvalRow, EvalRunRow, JobRow
 log = logging.getLogger("tunelab.evals")
 
 
+EVAL_CONCURRENCY = 16
+"""Items generating at once: the engine batches them continuously."""
+
+
 class EvalRunner:
     def __init__(
         self, settings: Settings, store: Store, worker_id: str, stopping: Callable[[], bool], tracking_uri: str
     ) -> None:
         self.settings, self.store, self.worker_id, self.stopping = settings, store, worker_id, stopping
         self.tracking_uri = tracking_uri
-        self._engine: Engine | None = None
+        self._engine: ServingEngine | None = None
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> ServingEngine:
+        """The serving engine (built-in or vLLM, as the server's): one implementation of generation."""
         if self._engine is None:
-            self._engine = Engine(self.settings.device, max_batch=self.settings.max_batch)
+            self._engine = create_engine(self.settings)
         return self._engine
 
     def run_once(self) -> bool:
@@ -49,7 +55,7 @@ class EvalRunner:
             self.engine,
             self.settings.cache_path,
             stopping=self.stopping,
-            concurrency=2 * self.settings.max_batch,  # one batch running, the next one waiting
+            concurrency=EVAL_CONCURRENCY,
         )
         outcome = executor.execute(run)
         if outcome.status is not None:

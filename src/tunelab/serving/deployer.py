@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from tunelab.models.catalog import model_source
-from tunelab.serving.engine import Engine
+from tunelab.serving.generation import ServingEngine
 from tunelab.store import Store
 from tunelab.store.db import now
 from tunelab.store.tables import DeploymentRow, DeploymentState, ModelRow
@@ -40,8 +40,9 @@ class NotDeployable(LookupError):
 
 
 class Deployer:
-    def __init__(self, store: Store, engine: Engine, cache_dir: Path) -> None:
+    def __init__(self, store: Store, engine: ServingEngine, cache_dir: Path) -> None:
         self.store, self.engine, self.cache_dir = store, engine, cache_dir
+        engine.watch(self._engine_changed)
 
     def create(
         self, name: str, scope: str, model: str, fmt: str, version: str, sku: dict, project_id: str
@@ -78,14 +79,16 @@ class Deployer:
         self._release(row.model, keep=None)
         return row
 
-    def resolve(self, name: str) -> str:
+    def resolve(self, name: str, *, wait: bool = True) -> str:
         """The model id to generate with for ``name``: a deployment, else a model id itself.
 
-        Loads the model into this process's engine if needed (blocking).
+        Loads the model into this process's engine if needed (blocking; with ``wait=False`` an
+        engine that starts slowly, vLLM, starts it in the background and raises EngineUnavailable).
 
         Raises:
             DeploymentNotFound: neither a deployment nor a model.
             DeploymentFailed: the deployment failed to load.
+            EngineUnavailable: not ready yet (``wait=False``).
         """
         row = self.store.get(DeploymentRow, name)
         if row is not None:
@@ -96,7 +99,8 @@ class Deployer:
             model = name  # serverless-style: call any model by id, as OpenAI does for ft: models
         else:
             raise DeploymentNotFound(name)
-        self.engine.load(model_source(self.store, model, self.cache_dir))
+        if not self.engine.loaded(model):
+            self.engine.load(model_source(self.store, model, self.cache_dir), wait=wait)
         return model
 
     def get(self, name: str) -> DeploymentRow:
@@ -113,6 +117,16 @@ class Deployer:
             self.store.set_deployment_state(name, DeploymentState.FAILED, f"could not load {model}: {exc}")
             return
         self.store.set_deployment_state(name, DeploymentState.SUCCEEDED)
+
+    def _engine_changed(self, models: list[str], state: str, message: str | None) -> None:
+        """The engine's process for ``models`` crashed and restarts, is back, or failed: the
+        deployments on them say so (``provisioningState`` and ``properties.error``)."""
+        new = {"restarting": DeploymentState.CREATING, "ready": DeploymentState.SUCCEEDED}.get(
+            state, DeploymentState.FAILED
+        )
+        for row in self.store.deployments():
+            if row.model in models:
+                self.store.set_deployment_state(row.name, new, message)
 
     def _release(self, model: str, keep: str | None) -> None:
         """Unload ``model`` unless another deployment still serves it."""

@@ -44,9 +44,9 @@ def playground(
 
 
 @data.post("/chat/completions")
-async def chat_completions(state: State, session: Checked, body: ChatCompletionRequest) -> Response:
+async def chat_completions(request: Request, state: State, session: Checked, body: ChatCompletionRequest) -> Response:
     """The API's own chat route, called with the session's principal (same validation, same stream)."""
-    return await chat.chat_completions(state, session.principal, body)
+    return await chat.chat_completions(request, state, session.principal, body)
 
 
 @data.get("/files/{file_id}/prompts")
