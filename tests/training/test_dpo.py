@@ -99,7 +99,7 @@ def test_the_loss_and_its_gradients_equal_trl_dpo_trainer_on_the_same_batch(tiny
     cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
     with model.disable_adapter():
         reference = recipe._reference_logps(model, pairs, cpu, off)
-    ours, n_trained = recipe._dpo_step(model, pairs, cpu, recipe._Preference(beta, reference))
+    ours, n_trained, _n_tokens = recipe._dpo_step(model, pairs, cpu, recipe._Preference(beta, reference))
     our_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
 

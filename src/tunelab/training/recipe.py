@@ -66,6 +66,7 @@ from tunelab.data.tokenize import (
 )
 from tunelab.models.folder import LoraSettings, context_length, eos_ids, hidden_size, resolve_device
 from tunelab.training import hparams, resume
+from tunelab.training.distributed import ONE_PROCESS, Group, RankFailed
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, pack_groups, token_losses
 
@@ -161,7 +162,9 @@ class TrainingError(Exception):
 def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     """Fine-tune ``spec.base_model_dir`` on ``spec.training_file`` and save to ``spec.output_dir``.
 
-    Goes on from the state a pause left in ``spec.output_dir``, if there is one.
+    Goes on from the state a pause left in ``spec.output_dir``, if there is one. Inside a
+    torch.distributed process group (``distributed.ranks``) it is one rank of a data-parallel job:
+    every rank calls it with the same spec, and only rank 0 writes.
 
     Raises:
         Cancelled: ``hooks.should_stop()`` returned ``Stop.CANCEL``.
@@ -171,7 +174,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     # -- setup: should_stop is asked between phases and while tokenizing -------------------------
     if spec.init_adapter is not None:
         spec = _continue_adapter(spec, spec.init_adapter)
-    device = _device(spec.device)
+    group = Group.current()
+    device = _device(spec.device, group)
     set_seed(spec.seed)
     _stop_point(hooks)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
@@ -196,7 +200,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     if valid_set:
         columns += [f"{prefix}_{n}" for prefix in ("valid", "full_valid") for n in names]
 
-    with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set):
+    with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set), _rank_failure_is_an_error():
         model = _load_model(spec, device, hp)
         _stop_point(hooks)
         hp = replace(hp, lora_target_modules=_lora_targets(model))
@@ -219,6 +223,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         meta = {"method": hp.method, "objective": hp.objective, "base_model_dir": str(spec.base_model_dir),
                 "seed": spec.seed, "hyperparameters": resolved}  # fmt: skip
         started = f"resumed at step {loop.step + 1}" if loop.step else "started"
+        if group.world > 1:
+            started += f" on {group.world} processes"
         what = f"{len(train_set)} preference pairs, DPO (beta {hp.beta:g})" if dpo else f"{len(train_set)} examples"
         hooks.event(f"Training {started}: {what}, {total_steps} steps, {hp.method} on {device}")
         hooks.started(hp, total_steps)
@@ -226,23 +232,28 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         # -- train -----------------------------------------------------------------------------------
         earlier = _read_results(results_csv, upto=loop.step)  # a resumed run keeps the rows it had
         saved_at = time.monotonic()
-        with results_csv.open("w", newline="") as f:
+        with open(results_csv if group.is_main else os.devnull, "w", newline="") as f:  # noqa: PTH123
             results = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             results.writeheader()
             results.writerows(earlier)
             for step, batch_ids in plan:
-                stop = hooks.should_stop()
+                stop = group.stop(hooks.should_stop())  # rank 0's answer, on every rank
                 if stop is Stop.PAUSE:
-                    resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    if group.is_main:
+                        resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
                     raise Paused(step - 1)
                 if stop is Stop.CANCEL:
                     raise Cancelled(f"cancelled at step {step - 1}/{total_steps}")
-                batch = [train_set[i] for i in batch_ids]
+                share = group.share(batch_ids)
+                batch = [train_set[i] for i in share]
                 learning_rate = scheduler.get_last_lr()[0]
                 started_at = time.perf_counter()
                 model.train()
-                reference = train_ref.of(batch_ids) if train_ref is not None else None
-                stats, n_trained = _train_step_within_memory(model, batch, reference, device, autocast, hooks, step)
+                reference = train_ref.of(share) if train_ref is not None else None
+                stats, n_trained, n_tokens = _train_step_within_memory(
+                    model, batch, reference, device, autocast, hooks, step, group
+                )
+                group.sum_gradients(trainable)
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
@@ -252,7 +263,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
                 end_of_epoch = step % steps_per_epoch == 0
                 validation: dict[str, float] = {}
-                if valid_set:
+                if valid_set and group.is_main:
                     sample_due = step % valid_every == 0 or step == total_steps
                     with autocast:
                         validation = _validate(
@@ -263,13 +274,15 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     total_steps=total_steps,
                     **stats,
                     learning_rate=learning_rate,
-                    tokens_per_second=sum(map(len, batch)) / seconds,
+                    tokens_per_second=n_tokens / seconds,
                     **validation,
                 )
                 results.writerow(metrics.results_row())
                 f.flush()
                 hooks.step(metrics)
 
+                if not group.is_main:
+                    continue
                 # -- save: a deployable checkpoint per epoch, the last keep_checkpoints kept ---
                 if end_of_epoch:
                     ckpt = Checkpoint(
@@ -288,6 +301,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     saved_at = time.monotonic()
 
         final_dir = spec.output_dir / "final"
+        if not group.is_main:  # rank 0 saves and smoke-tests
+            return TrainResult(loop.trained_tokens, hp, final_dir, results_csv, loop.kept, None)
         _save(model, tokenizer, final_dir, meta)
 
         # -- smoke test: does the model stop by itself? ------------------------------------------
@@ -322,11 +337,15 @@ def _continue_adapter(spec: TrainSpec, adapter_dir: Path) -> TrainSpec:
     return replace(spec, hyperparameters=spec.hyperparameters.with_lora(own), lora_target_modules=None)
 
 
-def _device(setting: str) -> torch.device:
+def _device(setting: str, group: Group) -> torch.device:
+    """The training device; rank r of a job on several GPUs trains on ``cuda:r``."""
     try:
-        return resolve_device(setting)
+        device = resolve_device(setting)
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    if device.type == "cuda" and group.world > 1:
+        device = torch.device("cuda", group.rank)
+    return device
 
 
 def _hyperparameters(spec: TrainSpec, train_set: Sequence[Item]) -> hparams.Hyperparameters:
@@ -478,6 +497,14 @@ def _out_of_memory_is_an_error(hp: hparams.Hyperparameters, train_set: Sequence[
         ) from None
 
 
+@contextmanager
+def _rank_failure_is_an_error() -> Iterator[None]:
+    try:
+        yield
+    except RankFailed as e:
+        raise TrainingError(str(e)) from None
+
+
 # -- train helpers ---------------------------------------------------------------------------------
 def _step_plan(
     n_examples: int, batch_size: int, n_epochs: int, seed: int, start: int = 0
@@ -535,41 +562,55 @@ class _Preference:
 
 
 def _train_step(
-    model: Model, batch: Sequence[Item], device: torch.device, preference: _Preference | None
-) -> tuple[dict[str, float], int]:
-    """Forward and backward one optimizer step's examples.
+    model: Model,
+    batch: Sequence[Item],
+    device: torch.device,
+    preference: _Preference | None,
+    group: Group = ONE_PROCESS,
+) -> tuple[dict[str, float], int, int]:
+    """Forward and backward this rank's share of one optimizer step's examples.
+
+    The losses are divided by the step's count over all ranks (trained tokens; DPO: pairs), so
+    that the gradients summed over the ranks are the one-process gradient.
 
     Returns:
-        the step's train_* metrics (loss, token accuracy; for DPO the preference metrics), and
-        its trained tokens.
+        the step's train_* metrics over all ranks (loss, token accuracy; for DPO the preference
+        metrics), its trained tokens and its tokens, over all ranks.
     """
+    n_tokens = sum(map(len, batch))
     if preference is not None:
-        return _dpo_step(model, _pairs(batch), device, preference)
+        return _dpo_step(model, _pairs(batch), device, preference, group)
     examples = [e for e in batch if isinstance(e, TokenizedExample)]
-    n_trained = sum(e.n_trained for e in examples)
-    loss_sum, correct = 0.0, 0
+    n_trained, n_tokens = (int(n) for n in group.sum([sum(e.n_trained for e in examples), n_tokens]))
+    loss_sum, correct = 0.0, 0.0
     for row in pack(examples, MAX_ROW_TOKENS):
         losses, hits = token_losses(model, _to(row, device))
         (losses.sum() / n_trained).backward()
         loss_sum += losses.sum().item()
         correct += int(hits.sum())
-    return {"train_loss": loss_sum / n_trained, "train_mean_token_accuracy": correct / n_trained}, n_trained
+    loss_sum, correct = group.sum([loss_sum, correct])
+    metrics = {"train_loss": loss_sum / n_trained, "train_mean_token_accuracy": correct / n_trained}
+    return metrics, n_trained, n_tokens
 
 
 def _dpo_step(
-    model: Model, batch: list[PreferencePair], device: torch.device, preference: _Preference
-) -> tuple[dict[str, float], int]:
+    model: Model, batch: list[PreferencePair], device: torch.device, preference: _Preference, group: Group = ONE_PROCESS
+) -> tuple[dict[str, float], int, int]:
     """``_train_step`` for DPO: each row's summed pair losses over the step's pair count, backward."""
-    stats, first = [], 0
+    n_pairs_all, n_trained, n_tokens = (
+        int(n) for n in group.sum([len(batch), sum(p.n_trained for p in batch), sum(map(len, batch))])
+    )
+    stats, first = [torch.zeros(0, 6)], 0
     for row in pack_groups([(p.chosen, p.rejected) for p in batch], MAX_ROW_TOKENS):
         sums = _example_sums(model, _to(row, device))  # (2P, 3), chosen and rejected alternating
         n_pairs = len(sums) // 2
         reference = preference.reference[first : first + n_pairs].to(device)  # (P, 2)
         losses, row_stats = _pair_stats(sums, reference, preference.beta)
-        (losses.sum() / len(batch)).backward()
+        (losses.sum() / n_pairs_all).backward()
         stats.append(row_stats.cpu())
         first += n_pairs
-    return _pair_summary(torch.cat(stats), "train"), sum(p.n_trained for p in batch)
+    totals = group.sum(torch.cat(stats).double().sum(0).tolist())
+    return _pair_summary(totals, n_pairs_all, "train"), n_trained, n_tokens
 
 
 def _pair_stats(sums: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,11 +634,14 @@ def _pair_stats(sums: torch.Tensor, reference: torch.Tensor, beta: float) -> tup
     return losses, stats
 
 
-def _pair_summary(stats: torch.Tensor, prefix: str) -> dict[str, float]:
+def _pair_summary(totals: list[float], n: int, prefix: str) -> dict[str, float]:
     """``{prefix}_loss`` (mean over pairs), token accuracy of the chosen outputs, and the preference
-    metrics: reward accuracy, mean chosen and rejected rewards and their margin."""
-    loss, chosen, rejected, won, correct, n_tokens = stats.double().sum(0).tolist()
-    n = len(stats)
+    metrics: reward accuracy, mean chosen and rejected rewards and their margin.
+
+    Args:
+        totals: the column sums of ``_pair_stats`` over ``n`` pairs.
+    """
+    loss, chosen, rejected, won, correct, n_tokens = totals
     return {
         f"{prefix}_loss": loss / n,
         f"{prefix}_mean_token_accuracy": correct / n_tokens,
@@ -632,7 +676,8 @@ def _train_step_within_memory(
     autocast,
     hooks: TrainHooks,
     step: int,
-) -> tuple[dict[str, float], int]:
+    group: Group,
+) -> tuple[dict[str, float], int, int]:
     """``_train_step``; on the first out-of-memory, turn on activation checkpointing and try again.
 
     Checkpointing keeps one tensor per layer instead of every activation and recomputes the rest in
@@ -640,7 +685,7 @@ def _train_step_within_memory(
     """
     try:
         with autocast:
-            return _train_step(model, batch, device, preference)
+            return _train_step(model, batch, device, preference, group)
     except torch.OutOfMemoryError:
         if _checkpointing(model):
             raise
@@ -657,7 +702,7 @@ def _train_step_within_memory(
         level="warn",
     )
     with autocast:
-        return _train_step(model, batch, device, preference)
+        return _train_step(model, batch, device, preference, group)
 
 
 def _checkpointing(model: Model) -> bool:
@@ -678,7 +723,11 @@ def _validate(
     When both are due, the sample's numbers come out of the full pass (one forward, not two).
     DPO (``preference`` given): the pairs' loss and preference metrics against the reference.
     """
-    summary = _summary if preference is None else _pair_summary
+
+    def summary(stats: torch.Tensor, prefix: str) -> dict[str, float]:
+        if preference is None:
+            return _summary(stats, prefix)
+        return _pair_summary(stats.double().sum(0).tolist(), len(stats), prefix)
 
     def evaluate(ids: list[int]) -> torch.Tensor:
         items = [valid_set[i] for i in ids]
