@@ -104,6 +104,20 @@ def test_pause_and_resume_on_two_processes(serving, training_file):
     assert max(steps) > paused_at and sorted(steps) == list(range(1, max(steps) + 1))
 
 
+def test_cancel_stops_every_rank(serving, training_file):
+    client = serving.openai()
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=training_file, seed=14, hyperparameters={"n_epochs": 50, "batch_size": 1}
+    )
+    serving.wait_training(job.id)
+    (worker,) = children(serving.proc.pid)
+    assert len(ranks(worker)) == 1
+    client.fine_tuning.jobs.cancel(job.id)
+    wait_for("every rank to stop", lambda: not ranks(worker), timeout=60)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert max(losses(serving, job.id)) < 600
+
+
 def test_a_killed_rank_fails_the_job_and_nothing_hangs(serving, training_file):
     client = serving.openai()
     job = client.fine_tuning.jobs.create(

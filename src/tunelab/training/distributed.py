@@ -1,4 +1,4 @@
-"""One job on N processes: data-parallel training with ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+"""One job on N processes: data-parallel training with ``torch.distributed`` (gloo) on one host.
 
 The worker's own process is rank 0: it runs the recipe with the job's hooks, exactly as a
 one-process job does, and starts ranks 1..N-1 (``python -m tunelab.training.distributed``), which
@@ -41,6 +41,9 @@ import torch.distributed as dist
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop
 from tunelab.training.hparams import Hyperparameters, JobSpec
 
+BACKEND = "gloo"
+"""Also for GPU tensors (gloo copies them through the host): the counts and the stop flag are CPU
+tensors, and NCCL has not been measured here (no multi-GPU machine)."""
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 """How long a rank waits for the others in one collective: rank 0's validation and checkpoint
 saves must fit in it; a hung rank fails the job after it."""
@@ -160,9 +163,8 @@ def ranks(spec: Any, world: int) -> Iterator[None]:
     ]
     _ranks[:] = procs
     try:
-        backend = "nccl" if spec.device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT
+            BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT
         )
         try:
             yield
@@ -207,8 +209,7 @@ def _rank_main(payload: str) -> int:
             data[key] = Path(data[key])
     data["hyperparameters"] = JobSpec.from_json(data["hyperparameters"])
     spec = TrainSpec(**data)
-    backend = "nccl" if spec.device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(BACKEND, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     try:
         train(spec, QuietHooks())
     except (Cancelled, Paused):
