@@ -11,6 +11,9 @@ Recipes (one epoch over 200 short generated chats each, every recipe in a fresh 
   ``--naive-steps`` steps and the epoch time is extrapolated (marked "est.").
 - tunelab-full / tunelab-lora: ``tunelab.training.train`` with batch 2 (the same examples per
   step as naive), 1 epoch, no validation file; packed rows, no padding.
+- tunelab-lora-2proc: tunelab-lora as one job on 2 processes (``TUNELAB_TRAIN_PROCS=2``:
+  torch.distributed, gloo), the same global batch, 1 thread each on CPU; compare it with
+  tunelab-lora at ``--threads 2`` (1 process x 2 threads).
 - tunelab-api: the whole product path for the LoRA job: a fresh ``tunelab serve`` (embedded
   worker, SQLite, MLflow), the file uploaded with the openai SDK, the job created with batch 2 and
   1 epoch; timed from the upload until the job is ``succeeded`` (validation, model load, training,
@@ -187,28 +190,30 @@ class TimingHooks:
         return Stop.GO_ON
 
 
-def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str) -> dict:
+def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str, procs: int = 1) -> dict:
+    from contextlib import nullcontext
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.data.tokenize import tokenize_chat
+    from tunelab.training import distributed
     from tunelab.training.hparams import JobSpec
     from tunelab.training.recipe import TrainSpec, train
 
     hooks = TimingHooks()
-    out = work / f"tunelab-{lora_rank}"
-    result = train(
-        TrainSpec(
-            base_model_dir=model_dir,
-            training_file=train_file,
-            validation_file=None,
-            output_dir=out,
-            seed=105,
-            hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
-            device=device,
-            cpu_threads=torch.get_num_threads() if device == "cpu" else None,
-        ),
-        hooks,
+    out = work / f"tunelab-{lora_rank}-{procs}"
+    spec = TrainSpec(
+        base_model_dir=model_dir,
+        training_file=train_file,
+        validation_file=None,
+        output_dir=out,
+        seed=105,
+        hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
+        device=device,
+        cpu_threads=(1 if procs > 1 else torch.get_num_threads()) if device == "cpu" else None,
     )
+    with distributed.ranks(spec, procs) if procs > 1 else nullcontext():
+        result = train(spec, hooks)
     peak = peak_memory(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lines = train_file.read_text().splitlines()
@@ -374,6 +379,8 @@ def _child(
         run = run_naive(model_dir, train_file, work, naive_steps, device)
     elif recipe == "tunelab-api":
         run = run_api(model_dir, train_file, work, device)
+    elif recipe == "tunelab-lora-2proc":
+        run = run_tunelab(model_dir, train_file, work, 16, device, procs=2)
     else:
         run = run_tunelab(model_dir, train_file, work, 0 if recipe == "tunelab-full" else 16, device)
     run["heldout_loss"] = heldout_loss(run.pop("model"), model_dir, heldout, device)
@@ -479,8 +486,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--recipes",
-        default="naive,tunelab-full,tunelab-lora,tunelab-api",
-        help="tunelab-api runs on the bundled model only",
+        default="naive,tunelab-full,tunelab-lora,tunelab-lora-2proc,tunelab-api",
+        help="of naive, tunelab-full, tunelab-lora, tunelab-lora-2proc, tunelab-api (bundled model only)",
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()

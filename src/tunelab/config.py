@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         default=None,
         description="CPU threads per training job; default every core (set 1 for several workers on one CPU).",
     )
+    train_procs: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes per training job (data-parallel, torch.distributed gloo on this host); "
+        "on CPU each gets its share of the cores. docs/training.md#several-processes-per-job",
+    )
     # -- serving (docs/serving.md explains each default) -------------------------------------------
     serving_engine: Literal["auto", "builtin", "vllm"] = Field(
         default="auto",

@@ -74,6 +74,7 @@ def test_out_of_range_hyperparameters_are_400s_naming_the_field(idle, headers, t
     for body in (
         {"hyperparameters": hyperparameters},
         {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}},
+        {"method": {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}},
     ):
         r = requests.post(
             f"{idle.url}/v1/fine_tuning/jobs",
@@ -110,7 +111,17 @@ def test_lora_rank_above_the_models_hidden_size_is_a_400(idle, training_file):
         ({"metadata": {"k": 1}}, "metadata.k"),
         ({"model": "m" * 513}, "model"),
         ({"training_file": "f" * 65}, "training_file"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.01}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -0.1}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": True}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "0.1"}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 1e300}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}}, "method.supervised"),
+        ({"hyperparameters": {"beta": 0.1}}, "hyperparameters.beta"),  # the deprecated top level is supervised's
+        ({"method": {"type": "supervised", "dpo": {}}}, "method"),
+        ({"method": {"type": "dpo", "supervised": {}}}, "method"),
     ],
 )
 def test_other_job_fields_are_bounded(idle, headers, training_file, extra, param):

@@ -103,3 +103,27 @@ def test_iter_preference_examples(write_jsonl: WriteJsonl) -> None:
 def test_a_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         validate_file(tmp_path / "nope.jsonl")
+
+
+def older_spelling(i: int) -> dict[str, Any]:
+    new = preference(i)
+    return {
+        "input": new["input"],
+        "preferred_completion": new["preferred_output"],
+        "non_preferred_completion": new["non_preferred_output"],
+    }
+
+
+def test_the_older_preference_spelling_is_read_as_the_current_one(write_jsonl: WriteJsonl) -> None:
+    path = write_jsonl([older_spelling(i) for i in range(10)])
+    report = validate_file(path, encodings=("cl100k_base",))
+    assert report.valid, report.errors
+    assert report.format == "preference"
+    assert [example for _, example in iter_preference_examples(path)] == [preference(i) for i in range(10)]
+
+
+def test_both_spellings_of_one_output_is_an_error(write_jsonl: WriteJsonl) -> None:
+    both = preference(0) | {"preferred_completion": preference(0)["preferred_output"]}
+    report = validate_file(write_jsonl([both] + [preference(i) for i in range(1, 10)]), encodings=())
+    assert not report.valid
+    assert report.errors[0].line == 1 and "not both" in report.errors[0].message

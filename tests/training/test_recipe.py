@@ -311,10 +311,10 @@ def test_out_of_memory_turns_on_activation_checkpointing_once(tiny_dir, chat_fil
     # A device that only fits the step with activation checkpointing on.
     real = recipe_module._train_step
 
-    def fits_only_when_checkpointing(model, batch, device):
+    def fits_only_when_checkpointing(model, *args):
         if not recipe_module._checkpointing(model):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch, device)
+        return real(model, *args)
 
     plain = train(spec(tiny_dir, chat_files, tmp_path / "plain", lora_rank=lora_rank), RecordingHooks())
     monkeypatch.setattr(recipe_module, "_train_step", fits_only_when_checkpointing)

@@ -54,3 +54,25 @@ def test_explicit_values_are_kept_and_full_fine_tuning_has_its_own_base_lr():
 def test_out_of_range_values_name_their_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be"):
         resolve(**{field: value})
+
+
+def test_dpo_resolves_beta_and_its_own_learning_rates():
+    lora, full = resolve(objective="dpo"), resolve(objective="dpo", lora_rank=0, beta=2)
+    assert (lora.beta, lora.learning_rate, full.beta, full.learning_rate) == (0.1, 5e-5, 2.0, 5e-6)
+    assert lora.as_dict()["beta"] == 0.1 and "objective" not in lora.as_dict()
+    assert "beta" not in resolve().as_dict() and resolve().learning_rate == 2e-4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"objective": "dpo", "beta": 0}, "beta must be a number in"),
+        ({"objective": "dpo", "beta": 2.5}, "beta must be a number in"),
+        ({"objective": "dpo", "beta": True}, "beta must be a number in"),
+        ({"beta": 0.1}, "beta must be left unset for supervised"),
+        ({"objective": "rl"}, "method.type must be"),
+    ],
+)
+def test_bad_dpo_settings_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(**overrides)

@@ -100,7 +100,7 @@ def create_job(state: State, caller: Member, body: CreateJobRequest) -> FineTuni
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix,
         user_metadata=body.metadata,
-        method={"type": "supervised"},
+        method={"type": spec.objective},
         hyperparameters=spec.to_json(),
         result_files=[],
         eval_on_finish=eval_on_finish,
@@ -185,10 +185,15 @@ def _finish_validation(state: State, job: JobRow, files: dict[str, FileRow]) -> 
         message = None
         if f.status != "processed":
             message = f"The {what} file {f.id} has errors: {f.status_details or 'it was not processed'}"
-        elif fmt not in SUPERVISED_FORMATS:
+        elif job.method["type"] == "dpo" and fmt != "preference":
+            message = (
+                f"The {what} file {f.id} holds {fmt} examples; DPO needs preference examples "
+                '({"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}).'
+            )
+        elif job.method["type"] != "dpo" and fmt not in SUPERVISED_FORMATS:
             message = (
                 f"The {what} file {f.id} holds {fmt} examples; supervised fine-tuning needs chat or "
-                "prompt/completion examples."
+                'prompt/completion examples (preference examples train with method type "dpo").'
             )
         if message:
             error = {"code": f"invalid_{param}", "message": message, "param": param}

@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 from tunelab.evals.graders import SimilarityMetric
 from tunelab.serving.generation import SamplingParams
@@ -149,13 +149,34 @@ class Hyperparameters(Strict):
     lora_dropout: Annotated[float, Field(ge=0, lt=1, strict=True, allow_inf_nan=False)] | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Annotated[float, Field(gt=0, le=2, strict=True, allow_inf_nan=False)] | Auto = Field(
+        default="auto",
+        description="How far the model may move from the reference: a number in (0, 2] or 'auto' (0.1).",
+    )
+
+
 class Supervised(Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(Strict):
-    type: Literal["supervised"] = "supervised"
+    """https://platform.openai.com/docs/api-reference/fine-tuning/create#fine-tuning-create-method"""
+
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is '{self.type}'")
+        return self
 
 
 class CreateJobRequest(Strict):
@@ -174,13 +195,14 @@ class CreateJobRequest(Strict):
     tunelab: TunelabJobOptions | None = None
 
     def to_spec(self) -> JobSpec:
-        """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.supervised``."""
-        merged = Hyperparameters()
-        supervised = self.method.supervised if self.method else None
-        for source in (self.hyperparameters, supervised.hyperparameters if supervised else None):
+        """Top-level ``hyperparameters`` (deprecated upstream) overlaid by ``method.<type>``'s."""
+        method = self.method or Method()
+        merged: Hyperparameters = DpoHyperparameters() if method.type == "dpo" else Hyperparameters()
+        own = method.dpo if method.type == "dpo" else method.supervised
+        for source in (self.hyperparameters, own.hyperparameters if own else None):
             if source is not None:
                 merged = merged.model_copy(update=source.model_dump(exclude_unset=True))
-        return JobSpec(**merged.model_dump())
+        return JobSpec(**merged.model_dump(), objective=method.type)
 
 
 class JobError(BaseModel):
@@ -236,9 +258,12 @@ class FineTuningJob(BaseModel):
     def from_row(cls, row: JobRow) -> FineTuningJob:
         # The values it trains with once they are resolved; until then the ones asked for.
         reported = row.resolved_hyperparameters or {
-            k: v for k, v in JobSpec.from_json(row.hyperparameters).to_json().items() if v is not None
+            k: v
+            for k, v in JobSpec.from_json(row.hyperparameters).to_json().items()
+            if v is not None and k != "objective"  # the objective is method.type
         }
         openai_hp = {k: reported.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        objective = (row.method or {}).get("type", "supervised")
         return cls(
             id=row.id,
             created_at=row.created_at,
@@ -254,7 +279,7 @@ class FineTuningJob(BaseModel):
             training_file=row.training_file,
             validation_file=row.validation_file,
             metadata=row.user_metadata,
-            method={"type": "supervised", "supervised": {"hyperparameters": reported}},
+            method={"type": objective, objective: {"hyperparameters": reported}},
             user_provided_suffix=row.suffix,
             tunelab=TunelabJobExtras(project_id=row.project_id, mlflow=_mlflow_run(row)),
         )

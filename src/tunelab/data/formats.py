@@ -1,8 +1,9 @@
 """The three example formats, how one line is parsed and checked, and reading a checked file.
 
 - chat: {"messages": [...], "tools"?: [...], "parallel_tool_calls"?: bool}
-- preference (DPO): {"input": {"messages": [...]}, "preferred_output": [assistant message],
-  "non_preferred_output": [assistant message]}
+- preference (DPO): {"input": {"messages": [...], "tools"?: [...]}, "preferred_output": [assistant
+  message], "non_preferred_output": [assistant message]}; the older spellings
+  ``preferred_completion`` / ``non_preferred_completion`` are read as the two outputs.
 - prompt_completion: {"prompt": str, "completion": str}
 
 A file holds one format: the first recognisable example decides it.
@@ -23,6 +24,8 @@ CHAT = "chat"
 PREFERENCE = "preference"
 PROMPT_COMPLETION = "prompt_completion"
 FORMATS = (CHAT, PREFERENCE, PROMPT_COMPLETION)
+PREFERENCE_ALIASES = {"preferred_completion": "preferred_output", "non_preferred_completion": "non_preferred_output"}
+"""Older names of the two outputs of a preference example, read as the current ones."""
 
 
 @dataclass(slots=True)  # not frozen: one is built per example, and frozen ones build 4x slower
@@ -41,7 +44,7 @@ def detect_format(example: dict[str, Any]) -> str | None:
     """The format an example's keys announce, whether or not the example is valid."""
     if "messages" in example:
         return CHAT
-    if "input" in example or "preferred_output" in example or "non_preferred_output" in example:
+    if any(key in example for key in ("input", "preferred_output", "non_preferred_output", *PREFERENCE_ALIASES)):
         return PREFERENCE
     if "prompt" in example or "completion" in example:
         return PROMPT_COMPLETION
@@ -76,7 +79,8 @@ def check_example(example: dict[str, Any], fmt: str) -> tuple[Conversation | Non
             return None, problems
         return Conversation(example["messages"], example.get("tools")), []
     if fmt == PREFERENCE:
-        problems = _check_preference(example)
+        example, problems = preference_example(example)
+        problems = problems or _check_preference(example)
         if problems:
             return None, problems
         source = example["input"]
@@ -94,6 +98,24 @@ def missing_format_problem(file_format: str | None) -> Problem:
     if file_format == PROMPT_COMPLETION:
         return ("invalid_prompt_completion", 'no "prompt" or "completion"')
     return ("missing_messages", 'no "messages": not a chat example')
+
+
+def preference_example(example: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """The example with the older output names (``PREFERENCE_ALIASES``) renamed to the current ones.
+
+    Returns the example unchanged when it uses the current names; a problem when it gives both
+    spellings of one output.
+    """
+    if not any(old in example for old in PREFERENCE_ALIASES):
+        return example, []
+    out = dict(example)
+    for old, new in PREFERENCE_ALIASES.items():
+        if old not in out:
+            continue
+        if new in out:
+            return example, [("invalid_preference", f'give "{new}" or its older name "{old}", not both')]
+        out[new] = out.pop(old)
+    return out, []
 
 
 def _check_preference(example: dict[str, Any]) -> list[Problem]:
@@ -151,7 +173,8 @@ def iter_chat_examples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def iter_preference_examples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, example) of a validated preference file, examples as written.
+    """Yield (line number, example) of a validated preference file, examples as written except that
+    the older output names are renamed (``preference_example``).
 
     Raises:
         ValueError: a line that does not parse, or an example of another format.
@@ -159,7 +182,10 @@ def iter_preference_examples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]
     for line, example, fmt in _iter_parsed(path):
         if fmt != PREFERENCE:
             raise ValueError(f"{path}:{line}: not a preference example")
-        yield line, example
+        renamed, problems = preference_example(example)
+        if problems:
+            raise ValueError(f"{path}:{line}: {problems[0][1]}")
+        yield line, renamed
 
 
 def _iter_parsed(path: Path) -> Iterator[tuple[int, dict[str, Any], str | None]]:

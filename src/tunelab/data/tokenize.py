@@ -73,6 +73,50 @@ def tokenize_chat(
     return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated)
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference example tokenized for DPO: the input followed by each of its two outputs.
+
+    Only the output's tokens (its end-of-turn marker included) are trained in each sequence.
+    """
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+
+    @property
+    def n_trained(self) -> int:
+        return self.chosen.n_trained + self.rejected.n_trained
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def tokenize_preference(
+    tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], max_length: int | None = None
+) -> PreferencePair:
+    """Tokenize a preference example (``formats.preference_example`` spelling) with the chat template.
+
+    Assistant turns inside ``input.messages`` are context, not trained; a ``weight`` on an output
+    is ignored (DPO compares the two outputs whole).
+
+    Raises:
+        TemplateError: as ``tokenize_chat``.
+    """
+    source = example["input"]
+    context = [m | {"weight": 0} if m["role"] == "assistant" else m for m in source["messages"]]
+    tools = source.get("tools")
+
+    def with_output(key: str) -> TokenizedExample:
+        output = example[key][0] | {"weight": 1}
+        return tokenize_chat(tokenizer, [*context, output], max_length, tools=tools)
+
+    return PreferencePair(chosen=with_output("preferred_output"), rejected=with_output("non_preferred_output"))
+
+
 def token_pieces(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, tools: list[Any] | None = None
 ) -> list[tuple[str, bool]]:

@@ -41,6 +41,21 @@ class StepMetrics:
     full_valid_loss: float | None = None
     """On the whole validation file, at each epoch end."""
     full_valid_mean_token_accuracy: float | None = None
+    # DPO only. A reward is beta x (policy - reference) summed log-prob of an output; accuracy is
+    # the share of pairs whose preferred output has the higher reward; margin = chosen - rejected.
+    # DPO's *_loss is the mean pair loss, its *_mean_token_accuracy that of the preferred outputs.
+    train_reward_accuracy: float | None = None
+    train_chosen_reward: float | None = None
+    train_rejected_reward: float | None = None
+    train_reward_margin: float | None = None
+    valid_reward_accuracy: float | None = None
+    valid_chosen_reward: float | None = None
+    valid_rejected_reward: float | None = None
+    valid_reward_margin: float | None = None
+    full_valid_reward_accuracy: float | None = None
+    full_valid_chosen_reward: float | None = None
+    full_valid_rejected_reward: float | None = None
+    full_valid_reward_margin: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The numbers that were measured (None ones left out)."""
@@ -55,6 +70,8 @@ class StepMetrics:
     def message(self) -> str:
         """The job event that reports the step, e.g. ``Step 3/10: training loss=1.2345``."""
         text = f"Step {self.step}/{self.total_steps}: training loss={self.train_loss:.4f}"
+        if self.train_reward_accuracy is not None:
+            text += f", reward accuracy={self.train_reward_accuracy:.2f}"
         if self.valid_loss is not None:
             text += f", validation loss={self.valid_loss:.4f}"
         if self.full_valid_loss is not None:

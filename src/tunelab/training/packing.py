@@ -30,15 +30,24 @@ def pack(examples: Sequence[TokenizedExample], max_row_tokens: int) -> list[dict
     Returns:
         rows of ``input_ids``, ``labels`` and ``position_ids``, each of shape (1, T).
     """
-    groups: list[list[TokenizedExample]] = []
+    return pack_groups([[e] for e in examples], max_row_tokens)
+
+
+def pack_groups(groups: Sequence[Sequence[TokenizedExample]], max_row_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """``pack``, keeping the examples of each group in one row (a DPO pair: its two sequences).
+
+    A group longer than ``max_row_tokens`` gets a row of its own.
+    """
+    rows: list[list[TokenizedExample]] = []
     size = 0
-    for example in examples:
-        if not groups or size + len(example) > max_row_tokens:
-            groups.append([])
+    for group in groups:
+        length = sum(map(len, group))
+        if not rows or size + length > max_row_tokens:
+            rows.append([])
             size = 0
-        groups[-1].append(example)
-        size += len(example)
-    return [_flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in group]) for group in groups]
+        rows[-1].extend(group)
+        size += length
+    return [_flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in row]) for row in rows]
 
 
 def token_losses(model: torch.nn.Module, row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

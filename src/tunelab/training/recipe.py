@@ -22,6 +22,16 @@ as overrides and callbacks:
 The loss is the mean over trained tokens of a whole optimizer step: each packed row's summed
 token loss is divided by the step's trained-token count before ``backward``, so rows of a step
 (gradient accumulation) are weighted by tokens, not by row.
+
+DPO (``objective="dpo"``) is the same loop on preference pairs. A pair is its input followed by
+each output, tokenized with the same chat template (only the output and its end-of-turn marker
+are scored); both sequences sit in one packed row, so that the pair's loss
+``-logsigmoid(beta * ((pc - rc) - (pr - rr)))`` (p: the policy's summed log-prob of an output,
+r: the reference's) is exact under row-by-row accumulation; the step's loss is the mean over its
+pairs. tests/training/test_dpo.py checks loss and gradients against TRL's ``DPOTrainer``.
+The reference is the model the job starts from, its log-probs computed once before the first
+step (``_reference_logps``; again on resume, from the freshly loaded starting model): no second
+copy of the model and no reference forward per step, for LoRA, full and continued (SFT → DPO) runs.
 """
 
 from __future__ import annotations
@@ -35,24 +45,36 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler, set_seed
 
-from tunelab.data.formats import iter_chat_examples
-from tunelab.data.tokenize import TemplateError, TokenizedExample, template_message, tokenize_chat
+from tunelab.data.formats import iter_chat_examples, iter_preference_examples
+from tunelab.data.tokenize import (
+    PreferencePair,
+    TemplateError,
+    TokenizedExample,
+    template_message,
+    tokenize_chat,
+    tokenize_preference,
+)
 from tunelab.models.folder import LoraSettings, context_length, eos_ids, hidden_size, resolve_device
 from tunelab.training import hparams, resume
+from tunelab.training.distributed import ONE_PROCESS, Group, RankFailed
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
-from tunelab.training.packing import example_of_tokens, pack, token_losses
+from tunelab.training.packing import example_of_tokens, pack, pack_groups, token_losses
 
 Model = Any
 """A transformers causal LM, or PEFT's wrapper of one (both too dynamic for a useful static type)."""
+Item = TokenizedExample | PreferencePair
+"""One training example: a chat (supervised) or a preference pair (DPO)."""
+PREFERENCE_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "reward_margin")
 
 # Recipe constants (everything a job can change is in TrainSpec).
 MAX_ROW_TOKENS = 2048  # tokens per packed forward pass; a step with more is split into several rows
@@ -70,17 +92,17 @@ class TrainSpec:
     base_model_dir: Path
     """Local HF folder of the base model (config, safetensors, tokenizer with a chat template)."""
     training_file: Path
-    """Chat JSONL: one ``{"messages": [...]}`` per line."""
+    """Chat JSONL: one ``{"messages": [...]}`` per line; preference JSONL for DPO."""
     validation_file: Path | None
-    """Chat JSONL for valid_* metrics and the smoke test; optional."""
+    """The same format, for valid_* metrics and the smoke test; optional."""
     output_dir: Path
     """Everything the job writes: results.csv, checkpoints/, final/; resume.pt while paused or
     unfinished (``train`` goes on from it when it is there)."""
     seed: int
     """Seeds LoRA init, shuffling and dropout: same seed and inputs give the same losses (CPU)."""
     hyperparameters: hparams.JobSpec = field(default_factory=hparams.JobSpec)
-    """What the job asks for (epochs, batch size, LR multiplier, LoRA shape); "auto" is resolved
-    against the training set (hparams.resolve)."""
+    """What the job asks for (objective, epochs, batch size, LR multiplier, LoRA shape, DPO beta);
+    "auto" is resolved against the training set (hparams.resolve)."""
     lora_target_modules: list[str] | None = None
     """Module names to adapt; None = every linear projection except the LM head."""
     init_adapter: Path | None = None
@@ -140,7 +162,9 @@ class TrainingError(Exception):
 def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     """Fine-tune ``spec.base_model_dir`` on ``spec.training_file`` and save to ``spec.output_dir``.
 
-    Goes on from the state a pause left in ``spec.output_dir``, if there is one.
+    Goes on from the state a pause left in ``spec.output_dir``, if there is one. Inside a
+    torch.distributed process group (``distributed.ranks``) it is one rank of a data-parallel job:
+    every rank calls it with the same spec, and only rank 0 writes.
 
     Raises:
         Cancelled: ``hooks.should_stop()`` returned ``Stop.CANCEL``.
@@ -150,15 +174,17 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     # -- setup: should_stop is asked between phases and while tokenizing -------------------------
     if spec.init_adapter is not None:
         spec = _continue_adapter(spec, spec.init_adapter)
-    device = _device(spec.device)
+    group = Group.current()
+    device = _device(spec.device, group)
     set_seed(spec.seed)
     _stop_point(hooks)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
     max_length = spec.max_length or context_length(spec.base_model_dir)
-    train_set = _load_examples(spec.training_file, tokenizer, max_length, hooks, "training")
-    valid_set = []
+    dpo = spec.hyperparameters.objective == "dpo"
+    train_set = _load_examples(spec.training_file, tokenizer, max_length, hooks, "training", dpo)
+    valid_set: list[Item] = []
     if spec.validation_file is not None:
-        valid_set = _load_examples(spec.validation_file, tokenizer, max_length, hooks, "validation")
+        valid_set = _load_examples(spec.validation_file, tokenizer, max_length, hooks, "validation", dpo)
     hp = _hyperparameters(spec, train_set)
     _stop_point(hooks)
 
@@ -169,11 +195,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
     valid_sample = sorted(random.Random(spec.seed).sample(range(len(valid_set)), min(len(valid_set), hp.batch_size)))
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     results_csv = spec.output_dir / "results.csv"
-    columns = ["step", "train_loss", "train_mean_token_accuracy"]
+    names = ["loss", "mean_token_accuracy", *(PREFERENCE_METRICS if dpo else ())]
+    columns = ["step", *(f"train_{n}" for n in names)]
     if valid_set:
-        columns += ["valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"]
+        columns += [f"{prefix}_{n}" for prefix in ("valid", "full_valid") for n in names]
 
-    with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set):
+    with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set), _rank_failure_is_an_error():
         model = _load_model(spec, device, hp)
         _stop_point(hooks)
         hp = replace(hp, lora_target_modules=_lora_targets(model))
@@ -183,34 +210,50 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=0.0, fused=True)
         warmup_steps = math.ceil(WARMUP_FRACTION * total_steps)
         scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        train_ref = valid_ref = None
+        if dpo:  # before _resume: the reference is the model as it starts, not as it was paused
+            assert hp.beta is not None
+            train_ref, valid_ref = (_Preference(hp.beta, _reference_logps(model, pairs, device, autocast))
+                                    for pairs in (train_set, valid_set))  # fmt: skip
+            hooks.event(f"DPO reference log-probs computed for {len(train_set) + len(valid_set)} pairs")
+            _stop_point(hooks)
         loop = _resume(spec, model, optimizer, scheduler, resolved)
         plan = _step_plan(len(train_set), hp.batch_size, hp.n_epochs, spec.seed, start=loop.step)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        meta = {"method": hp.method, "base_model_dir": str(spec.base_model_dir), "seed": spec.seed,
-                "hyperparameters": resolved}  # fmt: skip
+        meta = {"method": hp.method, "objective": hp.objective, "base_model_dir": str(spec.base_model_dir),
+                "seed": spec.seed, "hyperparameters": resolved}  # fmt: skip
         started = f"resumed at step {loop.step + 1}" if loop.step else "started"
-        hooks.event(f"Training {started}: {len(train_set)} examples, {total_steps} steps, {hp.method} on {device}")
+        if group.world > 1:
+            started += f" on {group.world} processes"
+        what = f"{len(train_set)} preference pairs, DPO (beta {hp.beta:g})" if dpo else f"{len(train_set)} examples"
+        hooks.event(f"Training {started}: {what}, {total_steps} steps, {hp.method} on {device}")
         hooks.started(hp, total_steps)
 
         # -- train -----------------------------------------------------------------------------------
         earlier = _read_results(results_csv, upto=loop.step)  # a resumed run keeps the rows it had
         saved_at = time.monotonic()
-        with results_csv.open("w", newline="") as f:
+        with open(results_csv if group.is_main else os.devnull, "w", newline="") as f:  # noqa: PTH123
             results = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             results.writeheader()
             results.writerows(earlier)
             for step, batch_ids in plan:
-                stop = hooks.should_stop()
+                stop = group.stop(hooks.should_stop())  # rank 0's answer, on every rank
                 if stop is Stop.PAUSE:
-                    resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    if group.is_main:
+                        resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
                     raise Paused(step - 1)
                 if stop is Stop.CANCEL:
                     raise Cancelled(f"cancelled at step {step - 1}/{total_steps}")
-                batch = [train_set[i] for i in batch_ids]
+                share = group.share(batch_ids)
+                batch = [train_set[i] for i in share]
                 learning_rate = scheduler.get_last_lr()[0]
                 started_at = time.perf_counter()
                 model.train()
-                loss, accuracy, n_trained = _train_step_within_memory(model, batch, device, autocast, hooks, step)
+                reference = train_ref.of(share) if train_ref is not None else None
+                stats, n_trained, n_tokens = _train_step_within_memory(
+                    model, batch, reference, device, autocast, hooks, step, group
+                )
+                group.sum_gradients(trainable)
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
@@ -220,23 +263,26 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
                 end_of_epoch = step % steps_per_epoch == 0
                 validation: dict[str, float] = {}
-                if valid_set:
+                if valid_set and group.is_main:
                     sample_due = step % valid_every == 0 or step == total_steps
                     with autocast:
-                        validation = _validate(model, valid_set, valid_sample, device, end_of_epoch, sample_due)
+                        validation = _validate(
+                            model, valid_set, valid_sample, device, end_of_epoch, sample_due, valid_ref
+                        )
                 metrics = StepMetrics(
                     step=step,
                     total_steps=total_steps,
-                    train_loss=loss,
-                    train_mean_token_accuracy=accuracy,
+                    **stats,
                     learning_rate=learning_rate,
-                    tokens_per_second=sum(map(len, batch)) / seconds,
+                    tokens_per_second=n_tokens / seconds,
                     **validation,
                 )
                 results.writerow(metrics.results_row())
                 f.flush()
                 hooks.step(metrics)
 
+                if not group.is_main:
+                    continue
                 # -- save: a deployable checkpoint per epoch, the last keep_checkpoints kept ---
                 if end_of_epoch:
                     ckpt = Checkpoint(
@@ -255,6 +301,8 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                     saved_at = time.monotonic()
 
         final_dir = spec.output_dir / "final"
+        if not group.is_main:  # rank 0 saves and smoke-tests
+            return TrainResult(loop.trained_tokens, hp, final_dir, results_csv, loop.kept, None)
         _save(model, tokenizer, final_dir, meta)
 
         # -- smoke test: does the model stop by itself? ------------------------------------------
@@ -289,14 +337,18 @@ def _continue_adapter(spec: TrainSpec, adapter_dir: Path) -> TrainSpec:
     return replace(spec, hyperparameters=spec.hyperparameters.with_lora(own), lora_target_modules=None)
 
 
-def _device(setting: str) -> torch.device:
+def _device(setting: str, group: Group) -> torch.device:
+    """The training device; rank r of a job on several GPUs trains on ``cuda:r``."""
     try:
-        return resolve_device(setting)
+        device = resolve_device(setting)
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    if device.type == "cuda" and group.world > 1:
+        device = torch.device("cuda", group.rank)
+    return device
 
 
-def _hyperparameters(spec: TrainSpec, train_set: list[TokenizedExample]) -> hparams.Hyperparameters:
+def _hyperparameters(spec: TrainSpec, train_set: Sequence[Item]) -> hparams.Hyperparameters:
     """Validate the spec's options and resolve every "auto" against the training set."""
     if spec.keep_checkpoints < 1:
         raise TrainingError(f"keep_checkpoints must be an integer >= 1, got {spec.keep_checkpoints!r}")
@@ -328,19 +380,27 @@ def _stop_point(hooks: TrainHooks) -> None:
 
 
 def _load_examples(
-    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int | None, hooks: TrainHooks, kind: str
-) -> list[TokenizedExample]:
-    """Tokenize a chat file; examples with nothing to train on are dropped with a warning."""
-    examples, truncated, empty = [], 0, 0
-    for n, (line_no, example) in enumerate(_read_chats(path, kind), start=1):
+    path: Path, tokenizer: PreTrainedTokenizerBase, max_length: int | None, hooks: TrainHooks, kind: str, dpo: bool
+) -> list[Item]:
+    """Tokenize a chat file (a preference file for DPO); examples with nothing to train on are
+    dropped with a warning (for DPO: pairs with an output truncated away)."""
+    examples: list[Item] = []
+    truncated, empty = 0, 0
+    for n, (line_no, example) in enumerate(_read_examples(path, kind, dpo), start=1):
         if n % STOP_CHECK_EXAMPLES == 0:
             _stop_point(hooks)
+        tokenized: Item
         try:
-            tokenized = tokenize_chat(tokenizer, example["messages"], max_length, tools=example.get("tools"))
+            if dpo:
+                tokenized = tokenize_preference(tokenizer, example, max_length)
+            else:
+                tokenized = tokenize_chat(tokenizer, example["messages"], max_length, tools=example.get("tools"))
         except TemplateError as e:
             raise TrainingError(f"{kind} file line {line_no}: {e}") from None
         truncated += tokenized.truncated
-        if tokenized.n_trained == 0:
+        if tokenized.n_trained == 0 or (
+            isinstance(tokenized, PreferencePair) and 0 in (tokenized.chosen.n_trained, tokenized.rejected.n_trained)
+        ):
             empty += 1
             continue
         examples.append(tokenized)
@@ -349,15 +409,16 @@ def _load_examples(
             f"{truncated} {kind} examples were longer than {max_length} tokens and were truncated", level="warn"
         )
     if empty:
-        hooks.event(f"{empty} {kind} examples have no assistant tokens to train on and were skipped", level="warn")
+        what = "an output with no tokens left after truncation" if dpo else "no assistant tokens to train on"
+        hooks.event(f"{empty} {kind} examples have {what} and were skipped", level="warn")
     if not examples:
         raise TrainingError(f"the {kind} file has no example with an assistant message to train on")
     return examples
 
 
-def _read_chats(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_examples(path: Path, kind: str, dpo: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        yield from iter_chat_examples(path)
+        yield from iter_preference_examples(path) if dpo else iter_chat_examples(path)
     except ValueError as e:  # the file was validated at upload; this is a file changed since
         raise TrainingError(f"the {kind} file cannot be read: {e}") from None
 
@@ -422,7 +483,7 @@ def _cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
 
 
 @contextmanager
-def _out_of_memory_is_an_error(hp: hparams.Hyperparameters, train_set: list[TokenizedExample]) -> Iterator[None]:
+def _out_of_memory_is_an_error(hp: hparams.Hyperparameters, train_set: Sequence[Item]) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError:
@@ -434,6 +495,14 @@ def _out_of_memory_is_an_error(hp: hparams.Hyperparameters, train_set: list[Toke
             f"out of GPU memory (method={hp.method}, batch_size={hp.batch_size}, longest example={longest} tokens): "
             + ", or ".join(advice)
         ) from None
+
+
+@contextmanager
+def _rank_failure_is_an_error() -> Iterator[None]:
+    try:
+        yield
+    except RankFailed as e:
+        raise TrainingError(str(e)) from None
 
 
 # -- train helpers ---------------------------------------------------------------------------------
@@ -480,21 +549,135 @@ def _read_results(path: Path, upto: int) -> list[dict[str, str]]:
     return kept
 
 
-def _train_step(model: Model, batch: list[TokenizedExample], device: torch.device) -> tuple[float, float, int]:
-    """Forward and backward one optimizer step's examples; returns (mean loss, accuracy, trained tokens)."""
-    n_trained = sum(e.n_trained for e in batch)
-    loss_sum, correct = 0.0, 0
-    for row in pack(batch, MAX_ROW_TOKENS):
+@dataclass(frozen=True)
+class _Preference:
+    """What DPO compares the policy with: each pair's summed log-probs under the reference."""
+
+    beta: float
+    reference: torch.Tensor
+    """(N, 2): the chosen and the rejected output of each pair."""
+
+    def of(self, ids: list[int]) -> _Preference:
+        return _Preference(self.beta, self.reference[ids])
+
+
+def _train_step(
+    model: Model,
+    batch: Sequence[Item],
+    device: torch.device,
+    preference: _Preference | None,
+    group: Group = ONE_PROCESS,
+) -> tuple[dict[str, float], int, int]:
+    """Forward and backward this rank's share of one optimizer step's examples.
+
+    The losses are divided by the step's count over all ranks (trained tokens; DPO: pairs), so
+    that the gradients summed over the ranks are the one-process gradient.
+
+    Returns:
+        the step's train_* metrics over all ranks (loss, token accuracy; for DPO the preference
+        metrics), its trained tokens and its tokens, over all ranks.
+    """
+    n_tokens = sum(map(len, batch))
+    if preference is not None:
+        return _dpo_step(model, _pairs(batch), device, preference, group)
+    examples = [e for e in batch if isinstance(e, TokenizedExample)]
+    n_trained, n_tokens = (int(n) for n in group.sum([sum(e.n_trained for e in examples), n_tokens]))
+    loss_sum, correct = 0.0, 0.0
+    for row in pack(examples, MAX_ROW_TOKENS):
         losses, hits = token_losses(model, _to(row, device))
         (losses.sum() / n_trained).backward()
         loss_sum += losses.sum().item()
         correct += int(hits.sum())
-    return loss_sum / n_trained, correct / n_trained, n_trained
+    loss_sum, correct = group.sum([loss_sum, correct])
+    metrics = {"train_loss": loss_sum / n_trained, "train_mean_token_accuracy": correct / n_trained}
+    return metrics, n_trained, n_tokens
+
+
+def _dpo_step(
+    model: Model, batch: list[PreferencePair], device: torch.device, preference: _Preference, group: Group = ONE_PROCESS
+) -> tuple[dict[str, float], int, int]:
+    """``_train_step`` for DPO: each row's summed pair losses over the step's pair count, backward."""
+    n_pairs_all, n_trained, n_tokens = (
+        int(n) for n in group.sum([len(batch), sum(p.n_trained for p in batch), sum(map(len, batch))])
+    )
+    stats, first = [torch.zeros(0, 6)], 0
+    for row in pack_groups([(p.chosen, p.rejected) for p in batch], MAX_ROW_TOKENS):
+        sums = _example_sums(model, _to(row, device))  # (2P, 3), chosen and rejected alternating
+        n_pairs = len(sums) // 2
+        reference = preference.reference[first : first + n_pairs].to(device)  # (P, 2)
+        losses, row_stats = _pair_stats(sums, reference, preference.beta)
+        (losses.sum() / n_pairs_all).backward()
+        stats.append(row_stats.cpu())
+        first += n_pairs
+    totals = group.sum(torch.cat(stats).double().sum(0).tolist())
+    return _pair_summary(totals, n_pairs_all, "train"), n_trained, n_tokens
+
+
+def _pair_stats(sums: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DPO (sigmoid) loss of each pair and the numbers its metrics are made of.
+
+    Args:
+        sums: (2P, 3) ``_example_sums`` of P pairs, chosen and rejected alternating.
+        reference: (P, 2) the reference's summed log-probs of the same outputs.
+
+    Returns:
+        losses (P,) with their graph, and (P, 6) detached: loss, chosen reward, rejected reward,
+        1 if the chosen reward is higher (TRL's strict ``>``), correct and trained tokens of the
+        chosen output. A reward is ``beta * (policy - reference)`` summed log-prob, as in TRL.
+    """
+    logps = -sums[:, 0].view(-1, 2)  # (P, 2)
+    rewards = beta * (logps - reference)  # (P, 2)
+    losses = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])  # (P,)
+    r = rewards.detach()
+    chosen = sums.detach().view(-1, 2, 3)[:, 0]  # (P, 3)
+    stats = torch.stack([losses.detach(), r[:, 0], r[:, 1], (r[:, 0] > r[:, 1]).float(), chosen[:, 1], chosen[:, 2]], 1)
+    return losses, stats
+
+
+def _pair_summary(totals: list[float], n: int, prefix: str) -> dict[str, float]:
+    """``{prefix}_loss`` (mean over pairs), token accuracy of the chosen outputs, and the preference
+    metrics: reward accuracy, mean chosen and rejected rewards and their margin.
+
+    Args:
+        totals: the column sums of ``_pair_stats`` over ``n`` pairs.
+    """
+    loss, chosen, rejected, won, correct, n_tokens = totals
+    return {
+        f"{prefix}_loss": loss / n,
+        f"{prefix}_mean_token_accuracy": correct / n_tokens,
+        f"{prefix}_reward_accuracy": won / n,
+        f"{prefix}_chosen_reward": chosen / n,
+        f"{prefix}_rejected_reward": rejected / n,
+        f"{prefix}_reward_margin": (chosen - rejected) / n,
+    }
+
+
+@torch.no_grad()
+def _reference_logps(model: Model, pairs: Sequence[Item], device: torch.device, autocast) -> torch.Tensor:
+    """(N, 2): the summed log-probs of each pair's chosen and rejected output under ``model``."""
+    model.eval()
+    out = []
+    with autocast:
+        for row in pack_groups([(p.chosen, p.rejected) for p in _pairs(pairs)], MAX_ROW_TOKENS):
+            out.append(-_example_sums(model, _to(row, device))[:, 0].view(-1, 2).float().cpu())
+    model.train()
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _pairs(items: Sequence[Item]) -> list[PreferencePair]:
+    return [p for p in items if isinstance(p, PreferencePair)]
 
 
 def _train_step_within_memory(
-    model: Model, batch: list[TokenizedExample], device: torch.device, autocast, hooks: TrainHooks, step: int
-) -> tuple[float, float, int]:
+    model: Model,
+    batch: Sequence[Item],
+    preference: _Preference | None,
+    device: torch.device,
+    autocast,
+    hooks: TrainHooks,
+    step: int,
+    group: Group,
+) -> tuple[dict[str, float], int, int]:
     """``_train_step``; on the first out-of-memory, turn on activation checkpointing and try again.
 
     Checkpointing keeps one tensor per layer instead of every activation and recomputes the rest in
@@ -502,7 +685,7 @@ def _train_step_within_memory(
     """
     try:
         with autocast:
-            return _train_step(model, batch, device)
+            return _train_step(model, batch, device, preference, group)
     except torch.OutOfMemoryError:
         if _checkpointing(model):
             raise
@@ -519,7 +702,7 @@ def _train_step_within_memory(
         level="warn",
     )
     with autocast:
-        return _train_step(model, batch, device)
+        return _train_step(model, batch, device, preference, group)
 
 
 def _checkpointing(model: Model) -> bool:
@@ -528,38 +711,73 @@ def _checkpointing(model: Model) -> bool:
 
 def _validate(
     model: Model,
-    valid_set: list[TokenizedExample],
+    valid_set: Sequence[Item],
     sample: list[int],
     device: torch.device,
     full: bool,
     sample_due: bool,
+    preference: _Preference | None = None,
 ) -> dict[str, float]:
     """full_valid_* over the whole validation file at epoch ends, valid_* on the sample when due.
 
     When both are due, the sample's numbers come out of the full pass (one forward, not two).
+    DPO (``preference`` given): the pairs' loss and preference metrics against the reference.
     """
+
+    def summary(stats: torch.Tensor, prefix: str) -> dict[str, float]:
+        if preference is None:
+            return _summary(stats, prefix)
+        return _pair_summary(stats.double().sum(0).tolist(), len(stats), prefix)
+
+    def evaluate(ids: list[int]) -> torch.Tensor:
+        items = [valid_set[i] for i in ids]
+        if preference is None:
+            return _evaluate(model, items, device)
+        return _evaluate_pairs(model, _pairs(items), preference.of(ids), device)
+
     if full:
-        stats = _evaluate(model, valid_set, device)
-        return _summary(stats, "full_valid") | (_summary(stats[sample], "valid") if sample_due else {})
+        stats = evaluate(list(range(len(valid_set))))
+        return summary(stats, "full_valid") | (summary(stats[sample], "valid") if sample_due else {})
     if sample_due:
-        return _summary(_evaluate(model, [valid_set[i] for i in sample], device), "valid")
+        return summary(evaluate(sample), "valid")
     return {}
 
 
 @torch.no_grad()
-def _evaluate(model: Model, examples: list[TokenizedExample], device: torch.device) -> torch.Tensor:
+def _evaluate(model: Model, examples: Sequence[Item], device: torch.device) -> torch.Tensor:
     """Per example: summed loss, correct predictions and count of its trained tokens, shape (N, 3)."""
     model.eval()
-    stats = []
-    for row in pack(examples, MAX_ROW_TOKENS):
-        losses, hits = token_losses(model, _to(row, device))  # (K,), (K,)
-        per_token = torch.stack([losses, hits.float(), torch.ones_like(losses)], dim=1)  # (K, 3)
-        n_examples = int((row["position_ids"][0] == 0).sum())
-        index = example_of_tokens(row).to(device)  # (K,)
-        per_example = torch.zeros(n_examples, 3, device=device).index_add_(0, index, per_token)  # (n, 3)
-        stats.append(per_example.cpu())
+    chats = [e for e in examples if isinstance(e, TokenizedExample)]
+    stats = [_example_sums(model, _to(row, device)).cpu() for row in pack(chats, MAX_ROW_TOKENS)]
     model.train()
     return torch.cat(stats)
+
+
+@torch.no_grad()
+def _evaluate_pairs(
+    model: Model, pairs: list[PreferencePair], preference: _Preference, device: torch.device
+) -> torch.Tensor:
+    """Per pair: ``_pair_stats``, shape (N, 6)."""
+    model.eval()
+    stats, first = [], 0
+    for row in pack_groups([(p.chosen, p.rejected) for p in pairs], MAX_ROW_TOKENS):
+        sums = _example_sums(model, _to(row, device))
+        n_pairs = len(sums) // 2
+        reference = preference.reference[first : first + n_pairs].to(device)
+        stats.append(_pair_stats(sums, reference, preference.beta)[1].cpu())
+        first += n_pairs
+    model.train()
+    return torch.cat(stats)
+
+
+def _example_sums(model: Model, row: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward a packed row; per example: summed loss, correct predictions and count of its
+    trained tokens, shape (n, 3), differentiable in the loss."""
+    losses, hits = token_losses(model, row)  # (K,), (K,)
+    per_token = torch.stack([losses, hits.float(), torch.ones_like(losses)], dim=1)  # (K, 3)
+    n_examples = int((row["position_ids"][0] == 0).sum())
+    index = example_of_tokens(row).to(losses.device)  # (K,)
+    return torch.zeros(n_examples, 3, device=losses.device, dtype=per_token.dtype).index_add(0, index, per_token)
 
 
 def _summary(stats: torch.Tensor, prefix: str) -> dict[str, float]:
@@ -608,8 +826,12 @@ def _smoke_test(
 ) -> bool | None:
     """Greedy answers to a few prompts (validation file first); did each end with EOS by itself?"""
     source = spec.validation_file or spec.training_file
+    dpo = spec.hyperparameters.objective == "dpo"
     prompts = []
-    for _line_no, example in _read_chats(source, "validation" if spec.validation_file else "training"):
+    for _line_no, example in _read_examples(source, "validation" if spec.validation_file else "training", dpo):
+        if dpo:  # the input the two outputs answer
+            prompts.append(([template_message(m) for m in example["input"]["messages"]], example["input"].get("tools")))
+            continue
         messages = example["messages"]
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
         if last > 0:  # the conversation up to its last answer

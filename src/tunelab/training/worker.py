@@ -25,7 +25,7 @@ from tunelab.store.db import new_id, now
 from tunelab.store.eval_lifecycle import EvalRunStatus
 from tunelab.store.lifecycle import JobStatus
 from tunelab.store.tables import FileRow, JobRow, ModelRow
-from tunelab.training.hooks import Checkpoint, StepMetrics, Stop
+from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.hparams import Hyperparameters, JobSpec
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class Worker:
 
     def _run(self, job: JobRow) -> None:
         from tunelab.training import resume
-        from tunelab.training.recipe import Cancelled, Paused, TrainingError, train
+        from tunelab.training.recipe import Cancelled, Paused, TrainingError
         from tunelab.training.tracking import TrackedHooks
 
         try:
@@ -266,7 +266,7 @@ class Worker:
         try:
             spec = self._spec(job, source)
             self._check_lengths(spec, hooks, tracker)
-            result = train(spec, TrackedHooks(hooks, tracker))
+            result = self._train(spec, TrackedHooks(hooks, tracker))
         except Paused as stop:
             tracker.finish(JobStatus.PAUSED)
             if not lifecycle.paused(self.store, job.id, stop.step):  # not asked to pause: the worker stops
@@ -294,6 +294,17 @@ class Worker:
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
         self._succeed(job, ft_model, source, result, tracker)
 
+    def _train(self, spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
+        """The recipe in this process, or as rank 0 of ``train_procs`` processes (distributed.py)."""
+        from tunelab.training.recipe import train
+
+        if self.settings.train_procs == 1:
+            return train(spec, hooks)
+        from tunelab.training import distributed
+
+        with distributed.ranks(spec, self.settings.train_procs):
+            return train(spec, hooks)
+
     def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks, resuming: bool) -> JobTracker:
         """The job's MLflow run (a resumed job goes on with its own); a tracking problem becomes a
         warning event, never a failed job."""
@@ -312,6 +323,7 @@ class Worker:
         tracker.log_params(
             {
                 "base_model": job.model,
+                "method_type": (job.method or {}).get("type", "supervised"),
                 "training_file": job.training_file,
                 "validation_file": job.validation_file,
                 "seed": job.seed,
@@ -334,9 +346,14 @@ class Worker:
             seed=job.seed,
             hyperparameters=JobSpec.from_json(job.hyperparameters),
             device=self.settings.device,
-            cpu_threads=self.settings.train_threads,
+            cpu_threads=self.settings.train_threads or self._threads_per_process(),
             resume_every=self.settings.resume_every,
         )
+
+    def _threads_per_process(self) -> int | None:
+        """A job on several processes shares the cores between them (one thread each on 2 cores)."""
+        procs = self.settings.train_procs
+        return None if procs == 1 else max(1, len(os.sched_getaffinity(0)) // procs)
 
     def _check_lengths(self, spec: TrainSpec, hooks: JobHooks, tracker: JobTracker) -> None:
         """Job-start validation with the base model's own tokenizer: warn what will be truncated.

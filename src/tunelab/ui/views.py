@@ -171,8 +171,10 @@ def model_choices(state: AppState, caller: Principal) -> ModelChoices:
 
 def job_settings(job: FineTuningJob) -> dict[str, Any]:
     """What a job was asked to do (its resolved hyperparameters once it has started)."""
-    hyper = dict((job.method.get("supervised") or {}).get("hyperparameters") or {})
+    objective = job.method.get("type", "supervised")
+    hyper = dict((job.method.get(objective) or {}).get("hyperparameters") or {})
     return {
+        "method_type": objective,
         "model": job.model,
         "training_file": job.training_file,
         "validation_file": job.validation_file,
