@@ -127,7 +127,8 @@ def start_tunelab(tmp: Path, engine: str, adapters: list[Path], args: argparse.N
     from tunelab.store.db import now
     from tunelab.store.tables import ModelRow
 
-    data = tmp / f"tunelab-{engine}"
+    row = f"tunelab-{engine}" + ("-lora" if adapters else "")
+    data = tmp / row
     data.mkdir()
     names = [MODEL]
     if adapters:
@@ -149,7 +150,7 @@ def start_tunelab(tmp: Path, engine: str, adapters: list[Path], args: argparse.N
             names.append(name)
     port = free_port()
     env = {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": engine, **args.env}
-    log = tmp / f"tunelab-{engine}.log"
+    log = tmp / f"{row}.log"
     t = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", "--no-worker", "--port", str(port), "--data-dir", str(data)],
