@@ -94,6 +94,31 @@ def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | N
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
+def start_server_with_model(
+    data_dir: Path, model_dir: Path, model_id: str, *, env: dict[str, str] | None = None
+) -> Server:
+    """A server on a new data dir where ``model_dir`` is registered as base model ``model_id``
+    (``tunelab models add``, as a user would)."""
+    data_dir.mkdir(parents=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "models",
+            "add",
+            str(model_dir),
+            "--id",
+            model_id,
+            "--data-dir",
+            str(data_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return start_server(data_dir, env=env)
+
+
 def stop_server(server: Server) -> None:
     try:
         os.killpg(server.proc.pid, signal.SIGTERM)  # the server and its embedded worker

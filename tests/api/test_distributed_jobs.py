@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 from tests.api.test_faults import children, wait_for
 from tests.conftest import SAMPLES
-from tests.server import Server, start_server, stop_server
+from tests.server import Server, start_server_with_model, stop_server
 from tests.training.conftest import RecordingHooks
 from tests.training.test_distributed import LOSS_RTOL
 from tunelab.training.hparams import JobSpec
@@ -31,14 +29,7 @@ HP = {"n_epochs": 1, "batch_size": 4}
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory, tiny_dir) -> Server:
-    data_dir = tmp_path_factory.mktemp("ddp") / "data"
-    data_dir.mkdir(parents=True)
-    subprocess.run(
-        [sys.executable, "-m", "tunelab", "models", "add", str(tiny_dir), "--id", "tiny", "--data-dir", str(data_dir)],
-        check=True,
-        capture_output=True,
-    )
-    server = start_server(data_dir, env=ENV)
+    server = start_server_with_model(tmp_path_factory.mktemp("ddp") / "data", tiny_dir, "tiny", env=ENV)
     yield server
     stop_server(server)
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.server import Server, start_server, stop_server
+from tests.server import Server, start_server_with_model, stop_server
 from tests.training.test_dpo import TOPICS, preference
 
 pytestmark = pytest.mark.integration
@@ -22,14 +20,7 @@ ENV = {"TUNELAB_TRAIN_THREADS": "1", "TUNELAB_WORKER_POLL_SECONDS": "0.5"}
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory, tiny_dir) -> Server:
-    data_dir = tmp_path_factory.mktemp("dpo") / "data"
-    data_dir.mkdir(parents=True)
-    subprocess.run(
-        [sys.executable, "-m", "tunelab", "models", "add", str(tiny_dir), "--id", "tiny", "--data-dir", str(data_dir)],
-        check=True,
-        capture_output=True,
-    )
-    server = start_server(data_dir, env=ENV)
+    server = start_server_with_model(tmp_path_factory.mktemp("dpo") / "data", tiny_dir, "tiny", env=ENV)
     yield server
     stop_server(server)
 
