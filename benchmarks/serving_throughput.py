@@ -4,16 +4,25 @@ own server directly, and llama.cpp's server, under 1 / 8 / 32 concurrent clients
     python benchmarks/serving_throughput.py                      # every engine that is installed
     python benchmarks/serving_throughput.py --rows builtin,vllm-direct --clients 1,8 --max-tokens 64
     python benchmarks/serving_throughput.py --llama-python /path/to/venv/bin/python   # llama.cpp row
+    git worktree add /tmp/before 42c8bd8 && python benchmarks/serving_throughput.py --before /tmp/before
+
+Rows: ``builtin-before`` is the baseline, tunelab before the engine work (its batcher: max batch 8,
+a batch runs to its longest request), run from the ``--before`` checkout with this environment's
+packages; ``builtin`` the built-in engine (continuous batching); ``tunelab-vllm`` the vLLM engine
+behind tunelab's API; ``vllm-direct`` vLLM's own server; ``vllm-direct-lora-enabled`` vLLM's own
+server with LoRA enabled but requests to the base (what tunelab's vLLM engine runs for a base:
+LoRA on, so that adapters can be deployed at any time): the like-for-like yardstick of tunelab's
+overhead; ``llama.cpp`` llama.cpp's server on the bundled GGUF.
 
 Each row starts its server afresh (startup is timed to the first answer), warms it up with one
-request, then lets each client thread send ``--requests`` streamed greedy chat completions through
-the stock openai SDK (questions from the lab's domain, ``max_tokens`` each). "+2 LoRA" rows send
-the same load to two LoRA adapters alternately (random rank-16 adapters on every linear layer,
-written once with PEFT; tunelab serves them as fine-tuned models, vLLM directly as
-``--lora-modules``). Printed per row and client count: completion tokens/s (all clients), time to
-the first token (p50), request latency (p50, p99), and the server's memory (RSS of its whole
-process group at the end). The machine's load average is printed with each table: on a shared
-machine every figure moves with it.
+request, then lets each client thread send ``--requests`` streamed (``--plain``: non-streamed)
+greedy chat completions through the stock openai SDK (questions from the lab's domain,
+``max_tokens`` each). "+2 LoRA" rows send the same load to two LoRA adapters alternately (random
+rank-16 adapters on every linear layer, written once with PEFT; tunelab serves them as fine-tuned
+models, vLLM directly as ``--lora-modules``). Printed per row and client count: completion
+tokens/s (all clients), time to the first token (p50), request latency (p50, p99), and the
+server's memory (RSS of its whole process group at the end). The machine's load average is printed
+with each table: on a shared machine every figure moves with it.
 
 vLLM rows need ``make vllm``; the llama.cpp row needs ``llama-cpp-python[server]`` in the Python
 given by ``--llama-python`` (default: this one) and the bundled GGUF.
@@ -58,7 +67,17 @@ QUESTIONS = [
     "What is the fastest land animal?",
     "Who invented the telephone?",
 ]
-ROWS = ["builtin", "builtin-lora", "tunelab-vllm", "tunelab-vllm-lora", "vllm-direct", "vllm-direct-lora", "llama.cpp"]
+ROWS = [
+    "builtin-before",
+    "builtin",
+    "builtin-lora",
+    "tunelab-vllm",
+    "tunelab-vllm-lora",
+    "vllm-direct",
+    "vllm-direct-lora-enabled",
+    "vllm-direct-lora",
+    "llama.cpp",
+]
 
 
 def free_port() -> int:
@@ -122,12 +141,15 @@ def make_adapters(base_dir: Path, folder: Path) -> list[Path]:
     return out
 
 
-def start_tunelab(tmp: Path, engine: str, adapters: list[Path], args: argparse.Namespace) -> Target:
+def start_tunelab(
+    tmp: Path, engine: str, adapters: list[Path], args: argparse.Namespace, src: Path | None = None
+) -> Target:
+    """``tunelab serve --no-worker``; ``src``: run the tunelab source tree there instead (the baseline)."""
     from tunelab.store import Store
     from tunelab.store.db import now
     from tunelab.store.tables import ModelRow
 
-    row = f"tunelab-{engine}" + ("-lora" if adapters else "")
+    row = f"tunelab-{engine}" + ("-lora" if adapters else "") + ("-before" if src else "")
     data = tmp / row
     data.mkdir()
     names = [MODEL]
@@ -150,6 +172,8 @@ def start_tunelab(tmp: Path, engine: str, adapters: list[Path], args: argparse.N
             names.append(name)
     port = free_port()
     env = {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": engine, **args.env}
+    if src is not None:
+        env["PYTHONPATH"] = str(src.resolve() / "src")
     log = tmp / f"{row}.log"
     t = time.time()
     proc = subprocess.Popen(
@@ -187,8 +211,11 @@ def deploy(url: str, name: str, model: str, timeout: float) -> None:
         raise RuntimeError(f"deployment {name}: {r.json()['properties']}")
 
 
-def start_vllm_direct(tmp: Path, base_dir: Path, adapters: list[Path], args: argparse.Namespace) -> Target:
-    """vLLM's own OpenAI server with tunelab's launch options (threads, binding, KV, LoRA slots)."""
+def start_vllm_direct(
+    tmp: Path, base_dir: Path, adapters: list[Path], args: argparse.Namespace, *, lora: bool = False
+) -> Target:
+    """vLLM's own OpenAI server with tunelab's launch options (threads, binding, KV, LoRA slots);
+    ``lora``: LoRA enabled even without adapters (as tunelab runs a base), requests to the base."""
     from tunelab.config import Settings
     from tunelab.serving.vllm_env import LaunchOptions, find, launch
 
@@ -200,7 +227,7 @@ def start_vllm_direct(tmp: Path, base_dir: Path, adapters: list[Path], args: arg
         threads=settings.vllm_threads,
         cpu_bind=settings.vllm_cpu_bind,
         max_model_len=settings.vllm_max_model_len,
-        enable_lora=bool(adapters),
+        enable_lora=lora or bool(adapters),
         max_loras=settings.vllm_max_loras,
         max_lora_rank=settings.vllm_max_lora_rank,
     )
@@ -248,10 +275,19 @@ def stop(target: Target) -> None:
         target.proc.wait()
 
 
-def load(target: Target, clients: int, requests_each: int, max_tokens: int) -> dict:
+def load(target: Target, clients: int, requests_each: int, max_tokens: int, plain: bool = False) -> dict:
     def one(i: int) -> tuple[float, float, int]:
         model = target.models[i % len(target.models)]
         t = time.perf_counter()
+        if plain:  # not streamed: no time to first token (reported as the whole latency)
+            answer = target.client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+            latency = time.perf_counter() - t
+            return latency, latency, answer.usage.completion_tokens if answer.usage else 0
         first = None
         tokens = 0
         stream = target.client.chat.completions.create(
@@ -293,10 +329,17 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=1, help="requests per client at each client count")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--plain", action="store_true", help="non-streamed requests (default: streamed)")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--llama-python", default=sys.executable)
     parser.add_argument("--llama-threads", type=int, default=1)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the tunelab servers")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of tunelab before the engine work (e.g. `git worktree add /tmp/before 42c8bd8`): "
+        "the builtin-before row runs its server with this environment's packages",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.env = dict(e.split("=", 1) for e in args.env)
@@ -308,6 +351,9 @@ def main() -> None:
     base_dir = bundled_model_dir(Path("~/.cache/tunelab").expanduser())
     tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     rows = [r for r in args.rows.split(",") if r]
+    if args.before is None and "builtin-before" in rows:
+        rows.remove("builtin-before")
+        print("skipped (no --before checkout): builtin-before")
     if find(None) is None:
         skipped = [r for r in rows if "vllm" in r]
         rows = [r for r in rows if "vllm" not in r]
@@ -315,7 +361,8 @@ def main() -> None:
             print(f"skipped (vLLM is not installed; `make vllm`): {', '.join(skipped)}")
     adapters = make_adapters(base_dir, tmp) if any(r.endswith("lora") for r in rows) else []
     print(
-        f"# {datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, {MODEL}; streamed greedy chats, "
+        f"# {datetime.date.today()}, {platform.machine()} {os.cpu_count()} CPUs, {MODEL}; "
+        f"{'non-streamed' if args.plain else 'streamed'} greedy chats, "
         f"max_tokens {args.max_tokens}, {args.requests} request(s) per client; load average at start {loadavg()}"
     )
     results = []
@@ -328,7 +375,7 @@ def main() -> None:
                 continue
             try:
                 for n in clients:
-                    r = load(target, n, args.requests, args.max_tokens)
+                    r = load(target, n, args.requests, args.max_tokens, plain=args.plain)
                     r.update(row=row, clients=n, startup=target.startup_s, load=loadavg())
                     results.append(r)
                     print(
@@ -348,12 +395,14 @@ def main() -> None:
 
 def start_row(row: str, tmp: Path, base_dir: Path, adapters: list[Path], args: argparse.Namespace) -> Target:
     lora = adapters if row.endswith("-lora") else []
+    if row == "builtin-before":
+        return start_tunelab(tmp, "builtin", [], args, src=args.before)
     if row.startswith("builtin"):
         return start_tunelab(tmp, "builtin", lora, args)
     if row.startswith("tunelab-vllm"):
         return start_tunelab(tmp, "vllm", lora, args)
     if row.startswith("vllm-direct"):
-        return start_vllm_direct(tmp, base_dir, lora, args)
+        return start_vllm_direct(tmp, base_dir, lora, args, lora=row == "vllm-direct-lora-enabled")
     if row == "llama.cpp":
         return start_llama_cpp(tmp, args)
     raise SystemExit(f"unknown row {row!r}")

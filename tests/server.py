@@ -69,6 +69,23 @@ class Server:
             time.sleep(1)
 
 
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    # The built-in engine unless a test asks for another (a .venv-vllm beside the checkout would
+    # otherwise make "auto" start vLLM for every test server and for every worker's eval runs).
+    return {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": "builtin", **(extra or {})}
+
+
+def start_worker(data_dir: Path, *, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    """A `tunelab worker` on ``data_dir``'s store, in its own process group (stop it with killpg)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(data_dir)],
+        env=_env(env),
+        stdout=(log or data_dir.parent / "worker.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     log = data_dir.parent / f"{data_dir.name}-server.log"
@@ -76,9 +93,7 @@ def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | N
     cmd = [sys.executable, "-m", "tunelab", "serve", "--port", str(port), "--data-dir", str(data_dir)]
     if not worker:
         cmd.append("--no-worker")
-    # The built-in engine unless a test asks for another (a .venv-vllm beside the checkout would
-    # otherwise make "auto" start vLLM for every test server).
-    full_env = {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_SERVING_ENGINE": "builtin", **(env or {})}
+    full_env = _env(env)
     proc = subprocess.Popen(cmd, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

@@ -125,6 +125,8 @@ def worker_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(data_dir)
     _openmp_for("train", settings)
+    if settings.worker_nice:  # before any thread starts: threads (OpenMP's too) inherit it
+        os.nice(settings.worker_nice)
     _store(settings)
     quiet_http_retries()
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once

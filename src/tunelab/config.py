@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         default=None,
         description="CPU threads per training job; default every core (set 1 for several workers on one CPU).",
     )
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness of a training worker (and its rank processes): on a CPU shared with serving, "
+        "chats and the control plane go first; 0 keeps the worker at the server's priority.",
+    )
     train_procs: int = Field(
         default=1,
         ge=1,
@@ -81,6 +88,13 @@ class Settings(BaseSettings):
     )
     serve_threads: int | None = Field(
         default=None, ge=1, description="CPU threads of the serving process (built-in engine); default every core."
+    )
+    decode_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="Built-in engine on Linux: niceness of each model's decode thread (and its OpenMP team), so "
+        "that the API's own threads (files, jobs, health) go first on a busy CPU; 0 keeps it at the server's.",
     )
     serve_wait_policy: Literal["auto", "active", "passive"] = Field(
         default="auto",

@@ -79,14 +79,18 @@ def test_a_two_process_job_has_the_one_process_losses_and_deploys(serving, train
         assert answer.usage.completion_tokens > 0
 
 
+@pytest.mark.slow  # `make test` keeps the losses-and-deploy test of this module
 def test_pause_and_resume_on_two_processes(serving, training_file):
     client = serving.openai()
+    # 90 steps: long enough that the pause lands mid-training (3 epochs, 9 steps, could finish first)
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=training_file, seed=12, hyperparameters={"n_epochs": 3, "batch_size": 4}
+        model="tiny", training_file=training_file, seed=12, hyperparameters={"n_epochs": 30, "batch_size": 4}
     )
     serving.wait_training(job.id)
     client.fine_tuning.jobs.pause(job.id)
-    wait_for("the job to pause", lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", timeout=120)
+    held = {"paused", "succeeded", "failed", "cancelled"}
+    wait_for("the job to pause", lambda: client.fine_tuning.jobs.retrieve(job.id).status in held, timeout=120)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     paused_at = max(losses(serving, job.id))
     client.fine_tuning.jobs.resume(job.id)
     done = serving.wait_job(job.id)
@@ -95,6 +99,7 @@ def test_pause_and_resume_on_two_processes(serving, training_file):
     assert max(steps) > paused_at and sorted(steps) == list(range(1, max(steps) + 1))
 
 
+@pytest.mark.slow  # `make test` keeps the losses-and-deploy test of this module
 def test_cancel_stops_every_rank(serving, training_file):
     client = serving.openai()
     job = client.fine_tuning.jobs.create(
@@ -109,6 +114,7 @@ def test_cancel_stops_every_rank(serving, training_file):
     assert max(losses(serving, job.id)) < 600
 
 
+@pytest.mark.slow  # `make test` keeps the losses-and-deploy test of this module
 def test_a_killed_rank_fails_the_job_and_nothing_hangs(serving, training_file):
     client = serving.openai()
     job = client.fine_tuning.jobs.create(

@@ -10,27 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.api.test_evals import EXACT, REVIEWS, SCHEMA, completions, items, wait_run
 from tests.conftest import BASE_MODEL, KEY
-from tests.server import start_server, stop_server
+from tests.server import start_server, start_worker, stop_server
 
 pytestmark = pytest.mark.integration
-
-
-def start_worker(data_dir: Path) -> subprocess.Popen:
-    log = (data_dir.parent / "worker.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(data_dir)],
-        env={**os.environ, "TUNELAB_API_KEY": KEY},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 @pytest.fixture

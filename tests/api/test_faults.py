@@ -92,6 +92,8 @@ def results(server: Server, job) -> list[dict[str, str]]:
 def test_sigterm_stops_the_worker_before_the_server_exits(serving):
     wait_for("a live worker", lambda: ready(serving))
     (worker,) = children(serving.proc.pid)
+    # training yields the CPU to the API (TUNELAB_WORKER_NICE, 10 by default)
+    assert os.getpriority(os.PRIO_PROCESS, worker) == min(19, os.getpriority(os.PRIO_PROCESS, serving.proc.pid) + 10)
     os.kill(serving.proc.pid, signal.SIGTERM)  # the server alone, as a service manager does
     serving.proc.wait(timeout=60)
     assert not alive(worker), "the worker outlived its server"  # before: uvicorn re-raised and skipped the cleanup

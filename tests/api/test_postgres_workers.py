@@ -4,15 +4,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import BASE_MODEL, KEY, SAMPLES, new_database
-from tests.server import start_server, stop_server
+from tests.conftest import BASE_MODEL, SAMPLES, new_database
+from tests.server import start_server, start_worker, stop_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # `make test-slow` (CI), not `make test`
 QUESTION = [{"role": "user", "content": "What is the capital of Portugal?"}]
 
 
@@ -23,16 +21,7 @@ def cluster(postgres_url, tmp_path_factory):
     # One training thread each: two workers share this machine's cores.
     env = {"TUNELAB_DATABASE_URL": new_database(postgres_url, "tunelab"), "TUNELAB_TRAIN_THREADS": "1"}
     server = start_server(data_dir, worker=False, env=env)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tunelab", "worker", "--data-dir", str(data_dir)],
-            env={**os.environ, "TUNELAB_API_KEY": KEY, **env},
-            start_new_session=True,
-            stdout=(data_dir.parent / f"worker-{i}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
+    workers = [start_worker(data_dir, env=env, log=data_dir.parent / f"worker-{i}.log") for i in range(2)]
     yield server, workers
     for w in workers:
         os.killpg(w.pid, signal.SIGTERM)

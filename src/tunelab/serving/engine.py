@@ -76,6 +76,7 @@ class Engine:
         dtype: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32), "float32", "bfloat16".
         kv_cache_bytes: the KV-cache budget per base; None: a share of free memory (above).
         default_max_tokens: answer tokens when a request names none.
+        decode_nice: niceness added to each decode thread (Linux), below the API's threads.
     """
 
     name = "builtin"
@@ -89,8 +90,10 @@ class Engine:
         kv_cache_bytes: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_chunk: int = 512,
+        decode_nice: int = 0,
     ) -> None:
         self.device = resolve_device(device)
+        self.decode_nice = decode_nice
         self.max_batch, self.kv_cache_bytes = max_batch, kv_cache_bytes
         self.dtype = serving_dtype(self.device, dtype)
         self.default_max_tokens, self.prefill_chunk = default_max_tokens, prefill_chunk
@@ -252,6 +255,7 @@ class Engine:
             max_batch=self.max_batch,
             prefill_chunk=self.prefill_chunk,
             name=model_dir.name,
+            nice=self.decode_nice,
         )
         context = context_length(model_dir) or DEFAULT_CONTEXT
         log.info("serving %s on %s in %s, KV budget %.0f MiB", model_dir.name, self.device, self.dtype, budget / 2**20)

@@ -36,6 +36,7 @@ def builtin_engine(settings: Settings) -> Engine:
         dtype=settings.serving_dtype,
         kv_cache_bytes=settings.kv_cache_bytes,
         default_max_tokens=settings.default_max_tokens,
+        decode_nice=settings.decode_nice,
     )
 
 

