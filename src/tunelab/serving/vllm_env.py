@@ -148,8 +148,8 @@ def fix_lora_sentinel(venv: Path, say: Callable[[str], None] = print) -> bool:
     -1, which torch reads as the last LoRA slot: a base-model request batched with an adapter's
     got that adapter applied. The fix is upstream's (vllm-project/vllm PR #48421, open when this
     was written): gather with the index clamped at 0 and zero the delta of -1 tokens. With it, base
-    requests need no stand-in adapter and a batch without adapter requests skips LoRA altogether
-    (2-3x faster on a CPU: docs/serving.md). Any other layout of the file is left alone (False):
+    requests need no stand-in adapter, which put each of them on the LoRA path (2.2-2.8x slower
+    on a CPU: docs/serving.md). Any other layout of the file is left alone (False):
     the engine then sends base traffic through the all-zero adapter (vllm_adapters.py).
     """
     found = list(venv.glob(f"lib/python3*/site-packages/vllm/{_LORA_OPS}"))
