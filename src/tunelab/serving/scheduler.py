@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import functools
 import logging
 import os
 import sys
@@ -413,15 +411,11 @@ class Scheduler:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
 
 
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 
 def _return_free_memory() -> None:
     """Hand the heap that a drained batch freed back to the OS (glibc keeps it otherwise: the
     serving process stayed ~200 MiB above its warm size after a load run, docs/serving.md)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc's; musl has none
+        _LIBC.malloc_trim(0)

@@ -61,7 +61,7 @@ from tunelab.serving.generation import (
     SamplingParams,
 )
 from tunelab.serving.vllm_adapters import AdapterRejected, check_adapter, write_zero_adapter
-from tunelab.serving.vllm_env import LORA_SENTINEL_FIX, LaunchOptions, VllmInstall, launch
+from tunelab.serving.vllm_env import LaunchOptions, VllmInstall, launch
 
 log = logging.getLogger("tunelab.serving.vllm")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream request otherwise
@@ -134,8 +134,6 @@ class VllmEngine:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.install, self.options, self.root, self.cuda = install, options, root, cuda
-        self.fixed = LORA_SENTINEL_FIX in install.fixes
-        """Its CPU LoRA ops add nothing for base tokens: base requests name the base."""
         self.start_timeout, self.default_max_tokens = start_timeout, default_max_tokens
         self._servers: dict[Path, _Server] = {}
         self._where: dict[str, Path] = {}  # model id -> key into _servers
@@ -158,7 +156,7 @@ class VllmEngine:
             cpu_bind=settings.vllm_cpu_bind,
             max_model_len=settings.vllm_max_model_len,
             # + the zero adapter, where it carries base traffic
-            max_loras=settings.vllm_max_loras + (LORA_SENTINEL_FIX not in install.fixes),
+            max_loras=settings.vllm_max_loras + (not install.lora_sentinel_fixed),
             max_lora_rank=settings.vllm_max_lora_rank,
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         )
@@ -377,7 +375,7 @@ class VllmEngine:
             raise VllmFailed(f"{model_dir} is not a model vLLM can load (it needs config.json and *.safetensors)")
         folder = self.root / f"{model_dir.name}-{os.getpid()}-{time.time_ns()}"
         lora = lora and self.options.enable_lora
-        server = _Server(model_dir, lora, folder, zero=lora and not self.fixed)
+        server = _Server(model_dir, lora, folder, zero=lora and not self.install.lora_sentinel_fixed)
         self._servers[model_dir] = server
         threading.Thread(target=self._supervise, args=(server,), name=f"vllm-{model_dir.name}", daemon=True).start()
         return server

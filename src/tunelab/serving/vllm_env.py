@@ -65,6 +65,11 @@ class VllmInstall:
     def python(self) -> Path:
         return self.venv / "bin" / "python"
 
+    @property
+    def lora_sentinel_fixed(self) -> bool:
+        """Its CPU LoRA ops add nothing for base tokens: base requests can name the base."""
+        return LORA_SENTINEL_FIX in self.fixes
+
     def supports(self, model_dir: Path) -> bool:
         """Whether this vLLM serves the model in ``model_dir`` (by its config's architectures)."""
         try:
@@ -105,7 +110,7 @@ def install(venv: Path | None, *, cuda: bool, say: Callable[[str], None] = print
     found = find(venv)
     if found is not None:
         say(f"vLLM {found.version} is already installed in {venv}")
-        if not cuda and LORA_SENTINEL_FIX not in found.fixes and fix_lora_sentinel(venv, say):
+        if not cuda and not found.lora_sentinel_fixed and fix_lora_sentinel(venv, say):
             stamp = json.loads((venv / STAMP).read_text(encoding="utf-8"))
             stamp["fixes"] = sorted({*stamp.get("fixes", []), LORA_SENTINEL_FIX})
             (venv / STAMP).write_text(json.dumps(stamp), encoding="utf-8")
