@@ -61,12 +61,18 @@ class Settings(BaseSettings):
         description="Niceness of a training worker (and its rank processes): on a CPU shared with serving, "
         "chats and the control plane go first; 0 keeps the worker at the server's priority.",
     )
-    train_procs: int = Field(
-        default=1,
+    train_procs: int | None = Field(
+        default=None,
         ge=1,
         le=64,
-        description="Processes per training job (data-parallel, torch.distributed gloo on this host); "
-        "on CPU each gets its share of the cores. docs/training.md#several-processes-per-job",
+        description="Processes per training job (data-parallel, torch.distributed on this host: NCCL on GPUs, "
+        "gloo on CPU); default one per visible GPU, 1 on a CPU; on CPU each gets its share of the cores. "
+        "docs/training.md#several-processes-per-job",
+    )
+    train_sharding: Literal["none", "fsdp"] = Field(
+        default="none",
+        description="A job on several processes: 'none' copies the model to every process, 'fsdp' shards its "
+        "weights, gradients and optimizer state over them (FSDP2), for models that do not fit one device.",
     )
     # -- serving (docs/serving.md explains each default) -------------------------------------------
     serving_engine: Literal["auto", "builtin", "vllm"] = Field(

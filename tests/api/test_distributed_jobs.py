@@ -1,6 +1,7 @@
 """A job on 2 processes through the real server (``TUNELAB_TRAIN_PROCS=2``, gloo on CPU) and the SDK.
 
-Its losses equal a one-process run of the same spec; it deploys and answers; pause/resume goes on
+Its losses equal a one-process run of the same spec, also with the model sharded (FSDP); it
+deploys and answers; pause/resume goes on
 with the same losses; a killed rank fails the job at once, never hangs it.
 """
 
@@ -45,14 +46,14 @@ def losses(server: Server, job_id: str) -> dict[int, float]:
     return {e.data["step"]: e.data["train_loss"] for e in events if e.type == "metrics"}
 
 
-def one_process_losses(tiny_dir: Path, tmp_path: Path, seed: int) -> list[float]:
+def one_process_losses(tiny_dir: Path, tmp_path: Path, seed: int, **hp) -> list[float]:
     spec = TrainSpec(
         base_model_dir=tiny_dir,
         training_file=TRAINING,
         validation_file=None,
         output_dir=tmp_path / "one",
         seed=seed,
-        hyperparameters=JobSpec(**HP),
+        hyperparameters=JobSpec(**(HP | hp)),
         cpu_threads=1,
     )
     hooks = RecordingHooks()
@@ -61,18 +62,36 @@ def one_process_losses(tiny_dir: Path, tmp_path: Path, seed: int) -> list[float]
 
 
 def test_a_two_process_job_has_the_one_process_losses_and_deploys(serving, training_file, tiny_dir, tmp_path):
-    client = serving.openai()
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=training_file, seed=11, hyperparameters=HP)
-    done = serving.wait_job(job.id)
+    check_losses_and_deploy(serving, training_file, tiny_dir, tmp_path, "on 2 processes:", {})
+
+
+@pytest.mark.slow  # `make test` keeps the losses-and-deploy test of the unsharded job
+def test_an_fsdp_job_has_the_one_process_losses_and_deploys(tmp_path_factory, tiny_dir, tmp_path):
+    env = ENV | {"TUNELAB_TRAIN_SHARDING": "fsdp"}
+    server = start_server_with_model(tmp_path_factory.mktemp("fsdp") / "data", tiny_dir, "tiny", env=env)
+    try:
+        with TRAINING.open("rb") as f:
+            training_file = server.openai().files.create(file=f, purpose="fine-tune").id
+        full = {"lora_rank": 0}  # what FSDP is for: every weight trained, and sharded
+        check_losses_and_deploy(server, training_file, tiny_dir, tmp_path, "on 2 processes (FSDP)", full)
+    finally:
+        stop_server(server)
+
+
+def check_losses_and_deploy(server: Server, training_file: str, tiny_dir: Path, tmp_path: Path, says: str, hp: dict):
+    client = server.openai()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=training_file, seed=11, hyperparameters=HP | hp)
+    done = server.wait_job(job.id)
     assert done.status == "succeeded", done.error
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
-    assert any("on 2 processes" in m for m in events)
-    two = losses(serving, job.id)
-    assert [two[s] for s in sorted(two)] == pytest.approx(one_process_losses(tiny_dir, tmp_path, 11), rel=LOSS_RTOL)
+    assert any(says in m for m in events), events
+    two = losses(server, job.id)
+    one = one_process_losses(tiny_dir, tmp_path, 11, **hp)
+    assert [two[s] for s in sorted(two)] == pytest.approx(one, rel=LOSS_RTOL)
 
     ckpt = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
     for name, model in (("ddp-final", done.fine_tuned_model), ("ddp-ckpt", ckpt.fine_tuned_model_checkpoint)):
-        assert serving.deploy(name, model)["properties"]["provisioningState"] == "Succeeded"
+        assert server.deploy(name, model)["properties"]["provisioningState"] == "Succeeded"
         answer = client.chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,17 +59,18 @@ def chats(tmp_path) -> Path:
     return write_jsonl(tmp_path / "chats.jsonl", [chat(q, a) for q, a in CHATS] + [chat(a, q) for q, a in CHATS[:1]])
 
 
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
 @pytest.mark.parametrize(
     "method",
     [{}, {"lora_rank": 0}, {"objective": "dpo", "learning_rate_multiplier": 20.0}],
     ids=["lora", "full", "dpo"],
 )
-def test_two_processes_train_the_one_process_job(tiny_dir, chats, tmp_path, method):
+def test_two_processes_train_the_one_process_job(tiny_dir, chats, tmp_path, method, sharding):
     data = (
         chats if "objective" not in method else write_jsonl(tmp_path / "p.jsonl", [preference(t) for t in TOPICS[:7]])
     )
     one, one_hooks = run(spec(tiny_dir, data, tmp_path / "one", **method), 1)
-    two, two_hooks = run(spec(tiny_dir, data, tmp_path / "two", **method), 2)
+    two, two_hooks = run(replace(spec(tiny_dir, data, tmp_path / "two", **method), sharding=sharding), 2)
     # 7 examples, batch 3: the last step of each epoch has 1 example, so one rank has none
     losses = [[m["train_loss"] for m in h.metrics()] for h in (one_hooks, two_hooks)]
     assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
@@ -79,12 +81,14 @@ def test_two_processes_train_the_one_process_job(tiny_dir, chats, tmp_path, meth
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=WEIGHT_ATOL, rtol=0)
     assert [c.step for c in two_hooks.checkpoints] == [3, 6]  # rank 0 writes them, once
-    assert any("on 2 processes" in e["message"] for e in two_hooks.events)
+    started = "on 2 processes (FSDP)" if sharding == "fsdp" else "on 2 processes:"
+    assert any(started in e["message"] for e in two_hooks.events)
 
 
-def test_a_pause_stops_every_rank_and_resumes_to_the_same_losses(tiny_dir, chats, tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_pause_stops_every_rank_and_resumes_to_the_same_losses(tiny_dir, chats, tmp_path, sharding):
     plain, plain_hooks = run(spec(tiny_dir, chats, tmp_path / "plain"), 2)
-    job = spec(tiny_dir, chats, tmp_path / "job")
+    job = replace(spec(tiny_dir, chats, tmp_path / "job"), sharding=sharding)
     with pytest.raises(Paused):
         run(job, 2, RecordingHooks(stop_after=2, stop_with=Stop.PAUSE))
     _, resumed = run(job, 2)

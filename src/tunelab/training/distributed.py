@@ -1,4 +1,4 @@
-"""One job on N processes: data-parallel training with ``torch.distributed`` (gloo) on one host.
+"""One job on N processes: data-parallel training with ``torch.distributed`` on one host.
 
 The worker's own process is rank 0: it runs the recipe with the job's hooks, exactly as a
 one-process job does, and starts ranks 1..N-1 (``python -m tunelab.training.distributed``), which
@@ -15,6 +15,10 @@ sets). In the recipe (``Group``):
 * rank 0 asks ``should_stop`` and broadcasts the answer before each step, so every rank stops at
   the same step boundary; only rank 0 validates and writes events, metrics, checkpoints, MLflow and
   the resume state;
+* with ``TUNELAB_TRAIN_SHARDING=fsdp`` the model is sharded over the ranks instead of copied
+  (fsdp.py), and FSDP reduces the gradients;
+* the backend is gloo on CPU, NCCL for the GPU tensors on GPUs (``backend``); rank r trains on
+  ``cuda:LOCAL_RANK``;
 * a rank that dies breaks the others' next collective at once (its sockets close); a rank that
   hangs breaks it after ``COLLECTIVE_TIMEOUT``. Rank 0 then fails the job and kills the rest.
 """
@@ -38,12 +42,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tunelab.models.folder import resolve_device
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop
 from tunelab.training.hparams import Hyperparameters, JobSpec
 
-BACKEND = "gloo"
-"""Also for GPU tensors (gloo copies them through the host): the counts and the stop flag are CPU
-tensors, and NCCL has not been measured here (no multi-GPU machine)."""
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)
 """How long a rank waits for the others in one collective: rank 0's validation and checkpoint
 saves must fit in it; a hung rank fails the job after it."""
@@ -101,6 +103,22 @@ class Group:
             p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
             offset += g.numel()
 
+    def max(self, value: int) -> int:
+        """The largest ``value`` of any rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag``, on every rank (a decision every rank must take alike, e.g. to join a save)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        self._collective(dist.broadcast, t, src=0)
+        return bool(t.item())
+
     def stop(self, asked: Stop) -> Stop:
         """Rank 0's answer to ``should_stop``, on every rank."""
         if self.world == 1:
@@ -109,9 +127,9 @@ class Group:
         self._collective(dist.broadcast, t, src=0)
         return _STOPS[int(t.item())]
 
-    def _collective(self, op: Any, tensor: torch.Tensor, **kwargs: Any) -> None:
+    def _collective(self, collective: Any, tensor: torch.Tensor, **kwargs: Any) -> None:
         try:
-            op(tensor, **kwargs)
+            collective(tensor, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:  # gloo: "Connection reset by peer", "Timed out"
             raise RankFailed(f"a training process of this job stopped answering: {e}") from None
 
@@ -142,6 +160,20 @@ class QuietHooks:
         return Stop.GO_ON
 
 
+def backend(device: str) -> str:
+    """The process group's backend for a job on ``device`` (the setting): gloo on CPU; on GPUs NCCL
+    for GPU tensors (gradients, FSDP's shards) and gloo for the CPU ones (counts, stop flags)."""
+    return "cpu:gloo,cuda:nccl" if resolve_device(device).type == "cuda" else "gloo"
+
+
+def default_procs(device: str) -> int:
+    """``TUNELAB_TRAIN_PROCS`` unset: one process per visible GPU, where the device setting lets a
+    job use them all ("auto", "cuda"); one process on a CPU or a pinned "cuda:N"."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
 @contextmanager
 def ranks(spec: Any, world: int) -> Iterator[None]:
     """Run the body as rank 0 of a ``world``-process job on ``spec`` (a ``recipe.TrainSpec``).
@@ -151,12 +183,12 @@ def ranks(spec: Any, world: int) -> Iterator[None]:
     """
     port = _free_port()
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                        "OMP_NUM_THREADS": str(spec.cpu_threads or 1)}  # fmt: skip
+                        "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(spec.cpu_threads or 1)}  # fmt: skip
     payload = json.dumps(_spec_json(spec))
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tunelab.training.distributed", payload],
-            env=env | {"RANK": str(rank)},
+            env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
             start_new_session=True,  # the worker's Ctrl-C reaches rank 0, which stops them all
         )
         for rank in range(1, world)
@@ -164,7 +196,11 @@ def ranks(spec: Any, world: int) -> Iterator[None]:
     _ranks[:] = procs
     try:
         dist.init_process_group(
-            BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT
+            backend(spec.device),
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=world,
+            timeout=COLLECTIVE_TIMEOUT,
         )
         try:
             yield
@@ -209,7 +245,7 @@ def _rank_main(payload: str) -> int:
             data[key] = Path(data[key])
     data["hyperparameters"] = JobSpec.from_json(data["hyperparameters"])
     spec = TrainSpec(**data)
-    dist.init_process_group(BACKEND, init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend(spec.device), init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     try:
         train(spec, QuietHooks())
     except (Cancelled, Paused):

@@ -49,7 +49,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ from tunelab.data.tokenize import (
     tokenize_preference,
 )
 from tunelab.models.folder import LoraSettings, context_length, eos_ids, hidden_size, resolve_device
-from tunelab.training import hparams, resume
+from tunelab.training import fsdp, hparams, resume
 from tunelab.training.distributed import ONE_PROCESS, Group, RankFailed
 from tunelab.training.hooks import Checkpoint, StepMetrics, Stop, TrainHooks
 from tunelab.training.packing import example_of_tokens, pack, pack_groups, token_losses
@@ -120,6 +120,9 @@ class TrainSpec:
     machine, leave it a core: on 2 cores with one busy neighbour a LoRA step of SmolLM2-135M took
     46 s with 2 threads and 1.3 s with 1 (idle machine: 2 threads ~1.1 s). The thread count
     changes float rounding, so bitwise reproducibility holds for the same count."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """A job on several processes: "none" keeps a whole copy of the model on each rank, "fsdp"
+    shards weights, gradients and optimizer state over the ranks (FSDP2, fsdp.py)."""
     resume_every: float | None = None
     """Save the resumable state (resume.pt, as a pause does) at every epoch end and at least this
     often, in seconds, so that a run killed outright goes on from its last save; None = only
@@ -176,6 +179,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         spec = _continue_adapter(spec, spec.init_adapter)
     group = Group.current()
     device = _device(spec.device, group)
+    sharded = spec.sharding == "fsdp" and group.world > 1
     set_seed(spec.seed)
     _stop_point(hooks)
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir)
@@ -201,7 +205,12 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         columns += [f"{prefix}_{n}" for prefix in ("valid", "full_valid") for n in names]
 
     with _cpu_threads(device, spec.cpu_threads), _out_of_memory_is_an_error(hp, train_set), _rank_failure_is_an_error():
-        model = _load_model(spec, device, hp)
+        model = _load_model(spec, device, hp, place=not sharded)
+        if sharded:
+            try:
+                fsdp.shard(model, device, group)
+            except ValueError as e:
+                raise TrainingError(f"TUNELAB_TRAIN_SHARDING=fsdp: {e}") from None
         _stop_point(hooks)
         hp = replace(hp, lora_target_modules=_lora_targets(model))
         resolved = hp.as_dict()
@@ -219,12 +228,14 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
             hooks.event(f"DPO reference log-probs computed for {len(train_set) + len(valid_set)} pairs")
             _stop_point(hooks)
         loop = _resume(spec, model, optimizer, scheduler, resolved)
+        filler = _filler_row(train_set) if sharded else None
+
         plan = _step_plan(len(train_set), hp.batch_size, hp.n_epochs, spec.seed, start=loop.step)
         meta = {"method": hp.method, "objective": hp.objective, "base_model_dir": str(spec.base_model_dir),
                 "seed": spec.seed, "hyperparameters": resolved}  # fmt: skip
         started = f"resumed at step {loop.step + 1}" if loop.step else "started"
         if group.world > 1:
-            started += f" on {group.world} processes"
+            started += f" on {group.world} processes" + (" (FSDP)" if sharded else "")
         what = f"{len(train_set)} preference pairs, DPO (beta {hp.beta:g})" if dpo else f"{len(train_set)} examples"
         hooks.event(f"Training {started}: {what}, {total_steps} steps, {hp.method} on {device}")
         hooks.started(hp, total_steps)
@@ -239,8 +250,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
             for step, batch_ids in plan:
                 stop = group.stop(hooks.should_stop())  # rank 0's answer, on every rank
                 if stop is Stop.PAUSE:
-                    if group.is_main:
-                        resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    _save_state(spec.output_dir, model, optimizer, scheduler, loop, resolved, group, sharded)
                     raise Paused(step - 1)
                 if stop is Stop.CANCEL:
                     raise Cancelled(f"cancelled at step {step - 1}/{total_steps}")
@@ -251,9 +261,10 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                 model.train()
                 reference = train_ref.of(share) if train_ref is not None else None
                 stats, n_trained, n_tokens = _train_step_within_memory(
-                    model, batch, reference, device, autocast, hooks, step, group
+                    model, batch, reference, device, autocast, hooks, step, group, filler
                 )
-                group.sum_gradients(trainable)
+                if not sharded:  # FSDP reduced them in the backward passes
+                    group.sum_gradients(trainable)
                 torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
@@ -263,7 +274,7 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
 
                 end_of_epoch = step % steps_per_epoch == 0
                 validation: dict[str, float] = {}
-                if valid_set and group.is_main:
+                if valid_set and (group.is_main or sharded):  # FSDP: every rank runs the forwards
                     sample_due = step % valid_every == 0 or step == total_steps
                     with autocast:
                         validation = _validate(
@@ -281,32 +292,37 @@ def train(spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
                 f.flush()
                 hooks.step(metrics)
 
-                if not group.is_main:
-                    continue
-                # -- save: a deployable checkpoint per epoch, the last keep_checkpoints kept ---
+                # -- save: a deployable checkpoint per epoch (rank 0), the last keep_checkpoints kept ---
                 if end_of_epoch:
-                    ckpt = Checkpoint(
-                        step,
-                        step // steps_per_epoch,
-                        spec.output_dir / "checkpoints" / f"step-{step}",
-                        _floats(metrics.results_row()),
-                    )
-                    _save(model, tokenizer, ckpt.path, meta)
-                    _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
+                    weights = fsdp.weights(model) if sharded else None
+                    if group.is_main:
+                        ckpt = Checkpoint(
+                            step,
+                            step // steps_per_epoch,
+                            spec.output_dir / "checkpoints" / f"step-{step}",
+                            _floats(metrics.results_row()),
+                        )
+                        _save(model, tokenizer, ckpt.path, meta, weights)
+                        _keep(ckpt, loop.kept, spec.keep_checkpoints, hooks)
 
                 # -- crash safety: the state a pause would save, at epoch ends and every so often ---
                 due = spec.resume_every is not None and time.monotonic() - saved_at >= spec.resume_every
+                if sharded:  # rank 0's clock decides, as every rank joins the save
+                    due = group.agree(due)
                 if spec.resume_every is not None and step < total_steps and (end_of_epoch or due):
-                    resume.save(spec.output_dir, model, optimizer, scheduler, loop, resolved)
+                    _save_state(spec.output_dir, model, optimizer, scheduler, loop, resolved, group, sharded)
                     saved_at = time.monotonic()
 
         final_dir = spec.output_dir / "final"
-        if not group.is_main:  # rank 0 saves and smoke-tests
+        weights = fsdp.weights(model) if sharded else None
+        if group.is_main:
+            _save(model, tokenizer, final_dir, meta, weights)
+        # -- smoke test: does the model stop by itself? (rank 0; under FSDP every rank generates) ---
+        ends_with_eos = (
+            _smoke_test(model, tokenizer, spec, device, hooks, sharded) if group.is_main or sharded else None
+        )
+        if not group.is_main:
             return TrainResult(loop.trained_tokens, hp, final_dir, results_csv, loop.kept, None)
-        _save(model, tokenizer, final_dir, meta)
-
-        # -- smoke test: does the model stop by itself? ------------------------------------------
-        ends_with_eos = _smoke_test(model, tokenizer, spec, device, hooks)
 
     # -- cleanup -----------------------------------------------------------------------------------
     del model, optimizer
@@ -338,13 +354,14 @@ def _continue_adapter(spec: TrainSpec, adapter_dir: Path) -> TrainSpec:
 
 
 def _device(setting: str, group: Group) -> torch.device:
-    """The training device; rank r of a job on several GPUs trains on ``cuda:r``."""
+    """The training device; a rank of a job on several GPUs trains on ``cuda:LOCAL_RANK``."""
     try:
         device = resolve_device(setting)
     except ValueError as e:
         raise TrainingError(str(e)) from None
     if device.type == "cuda" and group.world > 1:
-        device = torch.device("cuda", group.rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", group.rank)))
+        torch.cuda.set_device(device)  # NCCL's communicator binds to the current device
     return device
 
 
@@ -423,8 +440,9 @@ def _read_examples(path: Path, kind: str, dpo: bool = False) -> Iterator[tuple[i
         raise TrainingError(f"the {kind} file cannot be read: {e}") from None
 
 
-def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparameters) -> Model:
-    """The base model on ``device``, wrapped in LoRA adapters unless full fine-tuning.
+def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparameters, place: bool = True) -> Model:
+    """The base model on ``device`` (on the CPU unless ``place``: FSDP moves the shards), wrapped
+    in LoRA adapters unless full fine-tuning.
 
     On GPU the frozen base of a LoRA run is held in bf16 (PEFT keeps the adapters in fp32); a
     full run keeps fp32 master weights. Compute runs under bf16 autocast on GPU, fp32 on CPU.
@@ -432,7 +450,8 @@ def _load_model(spec: TrainSpec, device: torch.device, hp: hparams.Hyperparamete
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu and hp.method == "lora" else torch.float32
     model: Model = AutoModelForCausalLM.from_pretrained(spec.base_model_dir, dtype=dtype, attn_implementation="sdpa")
-    model.to(device)
+    if place:
+        model.to(device)
     if hp.method == "full":
         model.requires_grad_(True)
         return model
@@ -567,11 +586,14 @@ def _train_step(
     device: torch.device,
     preference: _Preference | None,
     group: Group = ONE_PROCESS,
+    filler: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], int, int]:
     """Forward and backward this rank's share of one optimizer step's examples.
 
     The losses are divided by the step's count over all ranks (trained tokens; DPO: pairs), so
-    that the gradients summed over the ranks are the one-process gradient.
+    that the gradients summed over the ranks are the one-process gradient. Under FSDP
+    (``filler`` given) the rank then passes ``filler`` with weight 0 until it has forwarded as
+    many rows as the rank with the most.
 
     Returns:
         the step's train_* metrics over all ranks (loss, token accuracy; for DPO the preference
@@ -579,29 +601,39 @@ def _train_step(
     """
     n_tokens = sum(map(len, batch))
     if preference is not None:
-        return _dpo_step(model, _pairs(batch), device, preference, group)
+        return _dpo_step(model, _pairs(batch), device, preference, group, filler)
     examples = [e for e in batch if isinstance(e, TokenizedExample)]
     n_trained, n_tokens = (int(n) for n in group.sum([sum(e.n_trained for e in examples), n_tokens]))
     loss_sum, correct = 0.0, 0.0
-    for row in pack(examples, MAX_ROW_TOKENS):
+    rows = list(pack(examples, MAX_ROW_TOKENS))
+    extra = _extra_passes(filler, len(rows), group)
+    for row in rows:
         losses, hits = token_losses(model, _to(row, device))
         (losses.sum() / n_trained).backward()
         loss_sum += losses.sum().item()
         correct += int(hits.sum())
+    _pass_idle(model, filler, extra, device)
     loss_sum, correct = group.sum([loss_sum, correct])
     metrics = {"train_loss": loss_sum / n_trained, "train_mean_token_accuracy": correct / n_trained}
     return metrics, n_trained, n_tokens
 
 
 def _dpo_step(
-    model: Model, batch: list[PreferencePair], device: torch.device, preference: _Preference, group: Group = ONE_PROCESS
+    model: Model,
+    batch: list[PreferencePair],
+    device: torch.device,
+    preference: _Preference,
+    group: Group = ONE_PROCESS,
+    filler: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], int, int]:
     """``_train_step`` for DPO: each row's summed pair losses over the step's pair count, backward."""
     n_pairs_all, n_trained, n_tokens = (
         int(n) for n in group.sum([len(batch), sum(p.n_trained for p in batch), sum(map(len, batch))])
     )
     stats, first = [torch.zeros(0, 6)], 0
-    for row in pack_groups([(p.chosen, p.rejected) for p in batch], MAX_ROW_TOKENS):
+    rows = list(pack_groups([(p.chosen, p.rejected) for p in batch], MAX_ROW_TOKENS))
+    extra = _extra_passes(filler, len(rows), group)
+    for row in rows:
         sums = _example_sums(model, _to(row, device))  # (2P, 3), chosen and rejected alternating
         n_pairs = len(sums) // 2
         reference = preference.reference[first : first + n_pairs].to(device)  # (P, 2)
@@ -609,8 +641,31 @@ def _dpo_step(
         (losses.sum() / n_pairs_all).backward()
         stats.append(row_stats.cpu())
         first += n_pairs
+    _pass_idle(model, filler, extra, device)
     totals = group.sum(torch.cat(stats).double().sum(0).tolist())
     return _pair_summary(totals, n_pairs_all, "train"), n_trained, n_tokens
+
+
+def _extra_passes(filler: dict[str, torch.Tensor] | None, n_rows: int, group: Group) -> int:
+    """FSDP (``filler`` given): how many zero-weight passes of ``filler`` this rank adds, so that
+    every rank forwards as many rows (each forward all-gathers). Asked before any forward."""
+    return 0 if filler is None else fsdp.extra_passes(n_rows, group)
+
+
+def _pass_idle(model: Model, filler: dict[str, torch.Tensor] | None, n: int, device: torch.device) -> None:
+    """Forward and backward ``filler`` ``n`` times with weight 0: the weights' gathers and the
+    gradients' reduce-scatters of rows this rank does not have."""
+    for _ in range(n):
+        assert filler is not None
+        (_example_sums(model, _to(filler, device))[:, 0].sum() * 0).backward()
+
+
+def _filler_row(train_set: Sequence[Item]) -> dict[str, torch.Tensor]:
+    """A packed row of the first training example (or pair): what an idle rank passes under FSDP."""
+    first = train_set[0]
+    if isinstance(first, PreferencePair):
+        return next(iter(pack_groups([(first.chosen, first.rejected)], MAX_ROW_TOKENS)))
+    return next(iter(pack([first], MAX_ROW_TOKENS)))
 
 
 def _pair_stats(sums: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -677,6 +732,7 @@ def _train_step_within_memory(
     hooks: TrainHooks,
     step: int,
     group: Group,
+    filler: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], int, int]:
     """``_train_step``; on the first out-of-memory, turn on activation checkpointing and try again.
 
@@ -685,7 +741,7 @@ def _train_step_within_memory(
     """
     try:
         with autocast:
-            return _train_step(model, batch, device, preference, group)
+            return _train_step(model, batch, device, preference, group, filler)
     except torch.OutOfMemoryError:
         if _checkpointing(model):
             raise
@@ -702,7 +758,7 @@ def _train_step_within_memory(
         level="warn",
     )
     with autocast:
-        return _train_step(model, batch, device, preference, group)
+        return _train_step(model, batch, device, preference, group, filler)
 
 
 def _checkpointing(model: Model) -> bool:
@@ -795,18 +851,42 @@ def _to(row: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.T
 
 
 # -- save ------------------------------------------------------------------------------------------
-def _save(model: Model, tokenizer: PreTrainedTokenizerBase, path: Path, meta: dict) -> None:
+def _save(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    meta: dict,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write a deployable folder: PEFT adapter (LoRA) or full HF model, tokenizer, tunelab.json.
 
+    ``weights``: the trainable weights gathered from the shards (FSDP); else the model's own.
     Written next to ``path`` and renamed into place, so a folder that exists is complete.
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
     (tmp / "tunelab.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _save_state(
+    folder: Path,
+    model: Model,
+    optimizer,
+    scheduler,
+    loop: resume.LoopState,
+    resolved: dict,
+    group: Group,
+    sharded: bool,
+) -> None:
+    """Write resume.pt (rank 0); under FSDP every rank joins the gather of the shards."""
+    if group.is_main or sharded:
+        state = resume.state(model, optimizer, scheduler, loop, resolved)
+        if group.is_main:
+            resume.save(folder, state)
 
 
 def _keep(ckpt: Checkpoint, kept: list[Checkpoint], keep: int, hooks: TrainHooks) -> None:
@@ -822,9 +902,18 @@ def _keep(ckpt: Checkpoint, kept: list[Checkpoint], keep: int, hooks: TrainHooks
 # -- smoke test ------------------------------------------------------------------------------------
 @torch.no_grad()
 def _smoke_test(
-    model: Model, tokenizer: PreTrainedTokenizerBase, spec: TrainSpec, device: torch.device, hooks: TrainHooks
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TrainSpec,
+    device: torch.device,
+    hooks: TrainHooks,
+    synced: bool = False,
 ) -> bool | None:
-    """Greedy answers to a few prompts (validation file first); did each end with EOS by itself?"""
+    """Greedy answers to a few prompts (validation file first); did each end with EOS by itself?
+
+    ``synced``: every rank of an FSDP job runs it; transformers' ``synced_gpus`` keeps the ranks
+    forwarding until the last one is done.
+    """
     source = spec.validation_file or spec.training_file
     dpo = spec.hyperparameters.objective == "dpo"
     prompts = []
@@ -852,6 +941,7 @@ def _smoke_test(
                 **inputs,
                 max_new_tokens=SMOKE_MAX_NEW_TOKENS,
                 do_sample=False,
+                synced_gpus=synced,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
             )

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from tunelab.training.fsdp import FULL
 
 FILENAME = "resume.pt"
+FORMAT = 2
+"""1: parameters and optimizer state in module order (before FSDP); 2: both keyed by name."""
 
 
 @dataclass
@@ -30,18 +35,23 @@ class LoopState:
     kept: list[Any] = field(default_factory=list)
 
 
-def save(
-    folder: Path,
+def state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     loop: LoopState,
     hyperparameters: dict,
-) -> Path:
-    """Write the state atomically and durably: a file that exists is complete, also after a power cut."""
-    state = {
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
+) -> dict[str, Any]:
+    """What ``save`` writes. Every rank of a job calls it: under FSDP it gathers the shards.
+
+    The weights and the optimizer state are whole tensors keyed by parameter name (torch's
+    distributed state-dict API), so a job paused on N sharded ranks can go on with another layout.
+    """
+    weights, optimizer_state = get_state_dict(model, optimizer, options=FULL)
+    return {
+        "format": FORMAT,
+        "trainable": weights,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -52,6 +62,10 @@ def save(
         },
         "hyperparameters": hyperparameters,
     }
+
+
+def save(folder: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically and durably: a file that exists is complete, also after a power cut."""
     path, tmp = folder / FILENAME, folder / (FILENAME + ".tmp")
     with tmp.open("wb") as f:
         torch.save(state, f)
@@ -84,18 +98,22 @@ def load(
 ) -> LoopState:
     """Restore the state into a freshly built model/optimizer/scheduler; ValueError if it is not this run's.
 
+    Every rank of a job calls it (each reads the file; under FSDP each keeps its shards).
+
     The kept checkpoints come back as (step, epoch, path, metrics) tuples.
     """
     state = torch.load(folder / FILENAME, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError("it was written by an older tunelab")
     if state["hyperparameters"] != hyperparameters:
         raise ValueError("it was saved with other hyperparameters")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state["trainable"]):
-        raise ValueError("it holds other trainable weights than this model has")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["trainable"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True),
+    )
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():

@@ -298,12 +298,21 @@ class Worker:
         """The recipe in this process, or as rank 0 of ``train_procs`` processes (distributed.py)."""
         from tunelab.training.recipe import train
 
-        if self.settings.train_procs == 1:
+        procs = self._procs()
+        if procs == 1:
             return train(spec, hooks)
         from tunelab.training import distributed
 
-        with distributed.ranks(spec, self.settings.train_procs):
+        with distributed.ranks(spec, procs):
             return train(spec, hooks)
+
+    def _procs(self) -> int:
+        """``TUNELAB_TRAIN_PROCS``; unset, one process per visible GPU (1 on a CPU)."""
+        if self.settings.train_procs is not None:
+            return self.settings.train_procs
+        from tunelab.training.distributed import default_procs
+
+        return default_procs(self.settings.device)
 
     def _tracker(self, job: JobRow, ft_model: str, hooks: JobHooks, resuming: bool) -> JobTracker:
         """The job's MLflow run (a resumed job goes on with its own); a tracking problem becomes a
@@ -348,11 +357,12 @@ class Worker:
             device=self.settings.device,
             cpu_threads=self.settings.train_threads or self._threads_per_process(),
             resume_every=self.settings.resume_every,
+            sharding=self.settings.train_sharding,
         )
 
     def _threads_per_process(self) -> int | None:
         """A job on several processes shares the cores between them (one thread each on 2 cores)."""
-        procs = self.settings.train_procs
+        procs = self._procs()
         return None if procs == 1 else max(1, len(os.sched_getaffinity(0)) // procs)
 
     def _check_lengths(self, spec: TrainSpec, hooks: JobHooks, tracker: JobTracker) -> None:
