@@ -14,6 +14,9 @@ Recipes (one epoch over 200 short generated chats each, every recipe in a fresh 
 - tunelab-lora-2proc: tunelab-lora as one job on 2 processes (``TUNELAB_TRAIN_PROCS=2``:
   torch.distributed, gloo), the same global batch, 1 thread each on CPU; compare it with
   tunelab-lora at ``--threads 2`` (1 process x 2 threads).
+- tunelab-full-2proc / tunelab-full-2proc-fsdp (not in the default set): tunelab-full on 2
+  processes, the model copied to each (``TUNELAB_TRAIN_SHARDING=none``) or sharded over them
+  (``fsdp``: FSDP2); the peak memory column is rank 0's.
 - tunelab-api: the whole product path for the LoRA job: a fresh ``tunelab serve`` (embedded
   worker, SQLite, MLflow), the file uploaded with the openai SDK, the job created with batch 2 and
   1 epoch; timed from the upload until the job is ``succeeded`` (validation, model load, training,
@@ -190,7 +193,9 @@ class TimingHooks:
         return Stop.GO_ON
 
 
-def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str, procs: int = 1) -> dict:
+def run_tunelab(
+    model_dir: Path, train_file: Path, work: Path, lora_rank: int, device: str, procs: int = 1, sharding: str = "none"
+) -> dict:
     from contextlib import nullcontext
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,7 +206,7 @@ def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, d
     from tunelab.training.recipe import TrainSpec, train
 
     hooks = TimingHooks()
-    out = work / f"tunelab-{lora_rank}-{procs}"
+    out = work / f"tunelab-{lora_rank}-{procs}-{sharding}"
     spec = TrainSpec(
         base_model_dir=model_dir,
         training_file=train_file,
@@ -211,6 +216,7 @@ def run_tunelab(model_dir: Path, train_file: Path, work: Path, lora_rank: int, d
         hyperparameters=JobSpec(n_epochs=1, batch_size=2, lora_rank=lora_rank),
         device=device,
         cpu_threads=(1 if procs > 1 else torch.get_num_threads()) if device == "cpu" else None,
+        sharding=sharding,
     )
     with distributed.ranks(spec, procs) if procs > 1 else nullcontext():
         result = train(spec, hooks)
@@ -381,6 +387,10 @@ def _child(
         run = run_api(model_dir, train_file, work, device)
     elif recipe == "tunelab-lora-2proc":
         run = run_tunelab(model_dir, train_file, work, 16, device, procs=2)
+    elif recipe in ("tunelab-full-2proc", "tunelab-full-2proc-fsdp"):
+        run = run_tunelab(
+            model_dir, train_file, work, 0, device, procs=2, sharding="fsdp" if recipe.endswith("-fsdp") else "none"
+        )
     else:
         run = run_tunelab(model_dir, train_file, work, 0 if recipe == "tunelab-full" else 16, device)
     run["heldout_loss"] = heldout_loss(run.pop("model"), model_dir, heldout, device)
@@ -487,7 +497,8 @@ def main() -> None:
     parser.add_argument(
         "--recipes",
         default="naive,tunelab-full,tunelab-lora,tunelab-lora-2proc,tunelab-api",
-        help="of naive, tunelab-full, tunelab-lora, tunelab-lora-2proc, tunelab-api (bundled model only)",
+        help="of naive, tunelab-full, tunelab-lora, tunelab-lora-2proc, tunelab-full-2proc, "
+        "tunelab-full-2proc-fsdp, tunelab-api (bundled model only)",
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()

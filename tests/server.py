@@ -110,7 +110,7 @@ def start_server(data_dir: Path, *, worker: bool = True, env: dict[str, str] | N
 
 
 def start_server_with_model(
-    data_dir: Path, model_dir: Path, model_id: str, *, env: dict[str, str] | None = None
+    data_dir: Path, model_dir: Path, model_id: str, *, env: dict[str, str] | None = None, worker: bool = True
 ) -> Server:
     """A server on a new data dir where ``model_dir`` is registered as base model ``model_id``
     (``tunelab models add``, as a user would)."""
@@ -131,7 +131,7 @@ def start_server_with_model(
         check=True,
         capture_output=True,
     )
-    return start_server(data_dir, env=env)
+    return start_server(data_dir, env=env, worker=worker)
 
 
 def stop_server(server: Server) -> None:

@@ -118,7 +118,12 @@ def worker_cmd(
     data_dir: DataDir = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Exit when this process is gone.")] = None,
 ) -> None:
-    """Run a training worker: claims queued jobs from the store and trains them."""
+    """Run a training worker: claims queued jobs from the store and trains them.
+
+    Started by torchrun (on one machine or several), it is one worker whose jobs train on all of
+    torchrun's ranks: rank 0 claims them (docs/training.md#several-machines).
+    """
+    from tunelab.training.distributed import Crew, under_torchrun
     from tunelab.training.tracking import quiet_http_retries
     from tunelab.training.worker import Worker
 
@@ -127,10 +132,20 @@ def worker_cmd(
     _openmp_for("train", settings)
     if settings.worker_nice:  # before any thread starts: threads (OpenMP's too) inherit it
         os.nice(settings.worker_nice)
+    crew = Crew(settings.device) if under_torchrun() else None
+    if crew is not None and not crew.group.is_main:
+        crew.follow()  # ranks 1..N-1 never touch the store
+        return
     _store(settings)
     quiet_http_retries()
-    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once
-        Worker(settings, parent_pid=parent_pid).run_forever()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: quit at once
+            Worker(settings, parent_pid=parent_pid, crew=crew).run_forever()
+    finally:
+        if crew is not None:
+            crew.leave()
+    if crew is not None and crew.broken:
+        raise typer.Exit(1)  # torchrun restarts the group
 
 
 @models_app.command("list")

@@ -1,7 +1,7 @@
 """A job on 2 processes through the real server (``TUNELAB_TRAIN_PROCS=2``, gloo on CPU) and the SDK.
 
-Its losses equal a one-process run of the same spec, also with the model sharded (FSDP); it
-deploys and answers; pause/resume goes on
+Its losses equal a one-process run of the same spec; it deploys and answers (sharded with FSDP:
+tests/api/test_torchrun_worker.py); pause/resume goes on
 with the same losses; a killed rank fails the job at once, never hangs it.
 """
 
@@ -65,19 +65,6 @@ def test_a_two_process_job_has_the_one_process_losses_and_deploys(serving, train
     check_losses_and_deploy(serving, training_file, tiny_dir, tmp_path, "on 2 processes:", {})
 
 
-@pytest.mark.slow  # `make test` keeps the losses-and-deploy test of the unsharded job
-def test_an_fsdp_job_has_the_one_process_losses_and_deploys(tmp_path_factory, tiny_dir, tmp_path):
-    env = ENV | {"TUNELAB_TRAIN_SHARDING": "fsdp"}
-    server = start_server_with_model(tmp_path_factory.mktemp("fsdp") / "data", tiny_dir, "tiny", env=env)
-    try:
-        with TRAINING.open("rb") as f:
-            training_file = server.openai().files.create(file=f, purpose="fine-tune").id
-        full = {"lora_rank": 0}  # what FSDP is for: every weight trained, and sharded
-        check_losses_and_deploy(server, training_file, tiny_dir, tmp_path, "on 2 processes (FSDP)", full)
-    finally:
-        stop_server(server)
-
-
 def check_losses_and_deploy(server: Server, training_file: str, tiny_dir: Path, tmp_path: Path, says: str, hp: dict):
     client = server.openai()
     job = client.fine_tuning.jobs.create(model="tiny", training_file=training_file, seed=11, hyperparameters=HP | hp)
@@ -101,9 +88,9 @@ def check_losses_and_deploy(server: Server, training_file: str, tiny_dir: Path, 
 @pytest.mark.slow  # `make test` keeps the losses-and-deploy test of this module
 def test_pause_and_resume_on_two_processes(serving, training_file):
     client = serving.openai()
-    # 90 steps: long enough that the pause lands mid-training (3 epochs, 9 steps, could finish first)
+    # 36 steps: long enough that the pause lands mid-training (3 epochs, 9 steps, could finish first)
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=training_file, seed=12, hyperparameters={"n_epochs": 30, "batch_size": 4}
+        model="tiny", training_file=training_file, seed=12, hyperparameters={"n_epochs": 12, "batch_size": 4}
     )
     serving.wait_training(job.id)
     client.fine_tuning.jobs.pause(job.id)

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import BASE_MODEL, SAMPLES, SHARED_LAB
-from tests.server import start_server, stop_server
+from tests.server import start_server, start_server_with_model, stop_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 QUESTION = [
@@ -221,15 +221,16 @@ def test_pause_then_resume_trains_every_step_once(server, client, uploaded_lab_f
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [18, 12, 6]
 
 
-def test_a_restarted_server_goes_on_with_the_job(tmp_path):
-    srv = start_server(tmp_path / "data")
+def test_a_restarted_server_goes_on_with_the_job(tmp_path, tiny_dir):
+    # The tiny model: what is tested is the restart, and 72 of its steps take seconds.
+    srv = start_server_with_model(tmp_path / "data", tiny_dir, "tiny")
     try:
         client = srv.openai()
         with (SAMPLES / "training_set.jsonl").open("rb") as f:
             training_file = client.files.create(file=f, purpose="fine-tune").id
         job = client.fine_tuning.jobs.create(
-            model=BASE_MODEL, training_file=training_file, hyperparameters={"n_epochs": 2, "batch_size": 2}
-        )  # 12 steps
+            model="tiny", training_file=training_file, hyperparameters={"n_epochs": 6, "batch_size": 1}
+        )  # 72 steps
         srv.wait_training(job.id)
         stop_server(srv)  # SIGTERM, as a service manager or Ctrl-C would stop it
         srv = start_server(tmp_path / "data")
@@ -240,7 +241,7 @@ def test_a_restarted_server_goes_on_with_the_job(tmp_path):
         step = int(re.match(r"Training stopped after step (\d+):", stopped).group(1))
         assert any(m.startswith(f"Training resumed at step {step + 1}:") for m in messages)
         steps = sorted(e.data["step"] for e in srv.openai().fine_tuning.jobs.list_events(job.id) if e.type == "metrics")
-        assert steps == list(range(1, 13))
+        assert steps == list(range(1, 73))
     finally:
         stop_server(srv)
 

@@ -59,11 +59,15 @@ def chats(tmp_path) -> Path:
     return write_jsonl(tmp_path / "chats.jsonl", [chat(q, a) for q, a in CHATS] + [chat(a, q) for q, a in CHATS[:1]])
 
 
-@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+DPO = {"objective": "dpo", "learning_rate_multiplier": 20.0}
+
+
+# FSDP: full fine-tuning (the supervised rows' fillers, tied weights saved once) and DPO (its
+# fillers, a LoRA adapter gathered from the shards); LoRA supervised is the pause test's job.
 @pytest.mark.parametrize(
-    "method",
-    [{}, {"lora_rank": 0}, {"objective": "dpo", "learning_rate_multiplier": 20.0}],
-    ids=["lora", "full", "dpo"],
+    ("method", "sharding"),
+    [({}, "none"), ({"lora_rank": 0}, "none"), (DPO, "none"), ({"lora_rank": 0}, "fsdp"), (DPO, "fsdp")],
+    ids=["lora", "full", "dpo", "full-fsdp", "dpo-fsdp"],
 )
 def test_two_processes_train_the_one_process_job(tiny_dir, chats, tmp_path, method, sharding):
     data = (

@@ -25,6 +25,7 @@ sets). In the recipe (``Group``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -234,9 +235,9 @@ def _spec_json(spec: Any) -> dict[str, Any]:
     return out
 
 
-def _rank_main(payload: str) -> int:
-    """Ranks 1..N-1: run the recipe on the spec rank 0 runs, in its process group."""
-    from tunelab.training.recipe import Cancelled, Paused, TrainSpec, train
+def _spec_of(payload: str) -> Any:
+    """The ``recipe.TrainSpec`` that ``_spec_json`` wrote."""
+    from tunelab.training.recipe import TrainSpec
 
     data = json.loads(payload)
     paths = ("base_model_dir", "training_file", "validation_file", "output_dir", "init_adapter")
@@ -244,7 +245,14 @@ def _rank_main(payload: str) -> int:
         if data.get(key) is not None:
             data[key] = Path(data[key])
     data["hyperparameters"] = JobSpec.from_json(data["hyperparameters"])
-    spec = TrainSpec(**data)
+    return TrainSpec(**data)
+
+
+def _rank_main(payload: str) -> int:
+    """Ranks 1..N-1: run the recipe on the spec rank 0 runs, in its process group."""
+    from tunelab.training.recipe import Cancelled, Paused, train
+
+    spec = _spec_of(payload)
     dist.init_process_group(backend(spec.device), init_method="env://", timeout=COLLECTIVE_TIMEOUT)
     try:
         train(spec, QuietHooks())
@@ -253,6 +261,70 @@ def _rank_main(payload: str) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+# -- a worker on several machines: torchrun starts it on every rank ------------------------------
+IDLE_TIMEOUT = timedelta(days=365)
+"""How long ranks 1..N-1 of a torchrun-launched worker wait for the next job."""
+
+
+def under_torchrun() -> bool:
+    """This process is one rank of a group that torchrun started (its agent sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Crew:
+    """The ranks of a worker that ``torchrun`` started, on one machine or several (its rendezvous).
+
+    The group outlives jobs. Rank 0 is the worker: it claims jobs, announces each one's spec to
+    the others (``announce``) and trains it with them, as rank 0 of ``ranks`` does; ranks 1..N-1
+    ``follow``. They need the data folder and the models at the same paths (a shared file
+    system), never the database.
+
+    A job that fails may leave the ranks out of step (one of them waits in a collective the others
+    have left), so rank 0 then exits with an error (``broken``) and torchrun restarts the whole
+    group (``--max-restarts``); the job's state is as a killed worker leaves it.
+    """
+
+    def __init__(self, device: str) -> None:
+        dist.init_process_group(backend(device), init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+        self.group = Group.current()
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.broken = False
+        # Idle ranks wait for the next job in a group of their own, as long as it takes.
+        self._announcements = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    def announce(self, spec: Any | None) -> None:
+        """Rank 0: the ranks train ``spec`` now; None: the worker is stopping, and so are they."""
+        payload = [None if spec is None else json.dumps(_spec_json(spec))]
+        dist.broadcast_object_list(payload, src=0, group=self._announcements)
+
+    def follow(self) -> None:
+        """Ranks 1..N-1: train each announced job with rank 0's group until it says stop.
+
+        A stop signal is left to rank 0, which pauses the job at the next step with every rank
+        and then announces the stop.
+        """
+        from tunelab.training.recipe import Cancelled, Paused, TrainingError, train
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            while True:
+                payload: list[Any] = [None]
+                dist.broadcast_object_list(payload, src=0, group=self._announcements)
+                if payload[0] is None:
+                    return
+                with contextlib.suppress(Cancelled, Paused, TrainingError):  # rank 0 reports it
+                    train(_spec_of(payload[0]), QuietHooks())
+        finally:
+            dist.destroy_process_group()
+
+    def leave(self) -> None:
+        """Rank 0, the worker stopped: the others stop too (unless the group is broken)."""
+        if not self.broken:
+            self.announce(None)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tunelab.training.hparams import Hyperparameters, JobSpec
 
 if TYPE_CHECKING:
     from tunelab.evals.runner import EvalRunner
+    from tunelab.training.distributed import Crew
     from tunelab.training.recipe import TrainResult, TrainSpec
     from tunelab.training.tracking import JobTracker
 
@@ -116,8 +117,10 @@ class Worker:
     the queue, and the worker that claims it goes on from the job's last saved state.
     """
 
-    def __init__(self, settings: Settings, parent_pid: int | None = None) -> None:
+    def __init__(self, settings: Settings, parent_pid: int | None = None, crew: Crew | None = None) -> None:
         self.settings = settings
+        self.crew = crew
+        """The other ranks, when torchrun started this worker as rank 0 of a group (distributed.Crew)."""
         self.store = Store(settings.db_url)
         self.blobs = BlobStore(settings.blob_path)
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -146,7 +149,7 @@ class Worker:
             self.requeue_orphans()
             self.drop_stale_resume_states()
             tidied = time.monotonic()
-            while not self.stopping():
+            while not self.stopping() and not (self.crew and self.crew.broken):
                 if self.run_once():
                     self.drop_stale_resume_states()
                 else:
@@ -284,20 +287,31 @@ class Worker:
             resume.remove(output_dir)
             return
         except TrainingError as exc:
+            self._out_of_step()
             tracker.finish(JobStatus.FAILED)
             resume.remove(output_dir)
             return self._fail(job, "training_failed", str(exc))
         except Exception as exc:  # a bug or a broken environment: fail the job, keep the worker
             log.error("job %s crashed:\n%s", job.id, traceback.format_exc())
+            self._out_of_step()
             tracker.finish(JobStatus.FAILED)
             resume.remove(output_dir)
             return self._fail(job, "internal_error", f"Training crashed: {type(exc).__name__}: {exc}")
         self._succeed(job, ft_model, source, result, tracker)
 
+    def _out_of_step(self) -> None:
+        """A failed job may leave torchrun's ranks in different collectives: restart the group."""
+        if self.crew is not None:
+            log.warning("worker %s exits after a failed job; torchrun restarts its ranks", self.id)
+            self.crew.broken = True
+
     def _train(self, spec: TrainSpec, hooks: TrainHooks) -> TrainResult:
         """The recipe in this process, or as rank 0 of ``train_procs`` processes (distributed.py)."""
         from tunelab.training.recipe import train
 
+        if self.crew is not None:  # torchrun started the ranks: they train what rank 0 announces
+            self.crew.announce(spec)
+            return train(spec, hooks)
         procs = self._procs()
         if procs == 1:
             return train(spec, hooks)
@@ -308,6 +322,8 @@ class Worker:
 
     def _procs(self) -> int:
         """``TUNELAB_TRAIN_PROCS``; unset, one process per visible GPU (1 on a CPU)."""
+        if self.crew is not None:
+            return self.crew.local_world  # on this machine
         if self.settings.train_procs is not None:
             return self.settings.train_procs
         from tunelab.training.distributed import default_procs
