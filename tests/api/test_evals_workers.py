@@ -127,7 +127,9 @@ def test_a_job_evaluates_its_model_and_base_with_mlflow_and_the_cli_compares_the
     raw = requests.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}", headers={"api-key": KEY}).json()
     job_run = raw["tunelab"]["mlflow"]["run_id"]  # tunelab extension: where the job is tracked
     mlflow = MlflowClient(f"sqlite:///{server.data_dir / 'mlflow.db'}")
-    for r in runs:
+    # Read again: a run is completed a moment before the worker has tracked it (the job's event
+    # above comes after the tracking), so the runs read at completion may not show it yet.
+    for r in [client.evals.runs.retrieve(r.id, eval_id=ev.id) for r in runs]:
         tracked = mlflow.get_run(r.tracking["run_id"])
         assert tracked.data.tags["mlflow.parentRunId"] == job_run  # nested under the job's run
         assert tracked.data.tags["tunelab.eval_run_id"] == r.id

@@ -247,7 +247,7 @@ def test_a_restarted_server_goes_on_with_the_job(tmp_path, tiny_dir):
 
 
 @pytest.mark.skipif(not SHARED_LAB.is_dir(), reason="../shared/lab is not beside the checkout")
-def test_the_lab_client_runs_unchanged(server, tmp_path):
+def test_the_lab_client_runs_unchanged(server, client, tmp_path):
     from tunelab.data.encodings import install_tiktoken_cache
 
     env = {
@@ -268,3 +268,20 @@ def test_the_lab_client_runs_unchanged(server, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.rstrip().endswith("LAB OK")
     assert requests.get(server.deployment_url("gpt-4o-ft"), headers={"api-key": server.key}).status_code == 404
+
+    # The lab's job (seed 105, "auto" everything): what "auto" resolves to, and that it learned.
+    job = client.fine_tuning.jobs.retrieve(re.search(r"^Job ID: (\S+)$", run.stdout, re.MULTILINE).group(1))
+    hp = job.method.supervised.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (10, 2, 1.0)
+    assert {k: hp.model_extra[k] for k in ("method", "lora_rank", "lora_alpha", "lora_dropout")} == {
+        "method": "lora",
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+    }
+    assert hp.model_extra["learning_rate"] == pytest.approx(2e-4)
+    rows = csv.DictReader(io.StringIO(client.files.content(job.result_files[0]).text))
+    full_valid = [float(r["full_valid_loss"]) for r in rows if r["full_valid_loss"]]
+    assert len(full_valid) == 10 and full_valid[-1] < full_valid[0] - 0.3
+    smoke = next(e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.message.startswith("Smoke"))
+    assert smoke.data["ends_with_eos"] and all(s["ended_with_eos"] and s["answer"] for s in smoke.data["samples"])

@@ -1,4 +1,4 @@
-"""Fixtures for the training tests: the bundled model, a tiny random model with its tokenizer, lab data."""
+"""Fixtures for the training tests: lab-like chats, recording hooks, a test mode for the recipe."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import pytest
 
 from tunelab.training.hooks import StepMetrics, Stop
 from tunelab.training.hparams import Hyperparameters
-
-REPO = Path(__file__).resolve().parents[2]
-SHARED_LAB = REPO.parent / "shared" / "lab"
 
 # Lab-like chats, so the fast tests do not depend on ../shared.
 CHATS = [
@@ -93,14 +90,6 @@ class RecordingHooks:
 def chat_files(tmp_path: Path) -> tuple[Path, Path]:
     train = write_jsonl(tmp_path / "train.jsonl", [chat(q, a) for q, a in CHATS[:5]])
     valid = write_jsonl(tmp_path / "valid.jsonl", [chat(q, a) for q, a in CHATS[3:]])
-    return train, valid
-
-
-@pytest.fixture
-def lab_paths() -> tuple[Path, Path]:
-    train, valid = SHARED_LAB / "training_set.jsonl", SHARED_LAB / "validation_set.jsonl"
-    if not (train.is_file() and valid.is_file()):
-        pytest.skip(f"lab data not found in {SHARED_LAB}")
     return train, valid
 
 
