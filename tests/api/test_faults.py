@@ -135,7 +135,9 @@ def test_kill_9_mid_epoch_goes_on_from_the_last_save_with_the_same_losses(servin
     messages = [e.message for e in client.fine_tuning.jobs.list_events(killed.id, limit=1000).data]
     assert any("was killed by SIGKILL; it is restarted" in m for m in messages), messages[:20]
     resumed = [int(m) for m in re.findall(r"Training resumed at step (\d+):", "\n".join(messages))]
-    assert resumed and resumed[0] > step >= 5  # from its last save, not from the start
+    # From its last save, not from the start. The kill may land between step `step`'s metrics
+    # event and its save: then the job goes on at that step again, never earlier.
+    assert resumed and resumed[0] >= step >= 5
     assert resumed[0] < 240
 
     straight = serving.wait_job(client.fine_tuning.jobs.create(**params).id, timeout=600)
