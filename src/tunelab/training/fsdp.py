@@ -6,9 +6,9 @@ rank, and all-gathers one decoder layer's weights just before the layer runs, so
 not fit one device trains on N of them. What that asks of the recipe:
 
 * **Every rank runs the same forwards in the same order**, because each forward all-gathers.
-  Rows are packed per rank, so one rank may have more rows in a step than another: the others add
-  zero-weight passes (``extra_passes``). Validation, DPO's reference pass and the smoke test run
-  on every rank; transformers' ``synced_gpus`` keeps ``generate`` in step.
+  Rows are packed per rank, so one rank may have more rows in a step than another: the others
+  add zero-weight passes (``recipe._extra_passes``). Validation, DPO's reference pass and the
+  smoke test run on every rank; transformers' ``synced_gpus`` keeps ``generate`` in step.
 * **FSDP reduce-scatters the gradients** in each backward. They are summed, not averaged
   (``set_gradient_divide_factor(1)``), because the losses are already divided by the step's count
   over all ranks. The sum is the one-process gradient, as with the plain all-reduce. (Set on every
@@ -59,11 +59,6 @@ def shard(model: Any, device: torch.device, group: Group) -> None:
         unit.set_force_sum_reduction_for_comms(True)
     # PEFT's generate calls the wrapped model's, not its own forward: gather the root's weights for it too
     register_fsdp_forward_method(model, "generate")
-
-
-def extra_passes(n_rows: int, group: Group) -> int:
-    """How many zero-weight passes this rank adds so that every rank forwards as many rows."""
-    return group.max(n_rows) - n_rows
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

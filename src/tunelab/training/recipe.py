@@ -649,7 +649,7 @@ def _dpo_step(
 def _extra_passes(filler: dict[str, torch.Tensor] | None, n_rows: int, group: Group) -> int:
     """FSDP (``filler`` given): how many zero-weight passes of ``filler`` this rank adds, so that
     every rank forwards as many rows (each forward all-gathers). Asked before any forward."""
-    return 0 if filler is None else fsdp.extra_passes(n_rows, group)
+    return 0 if filler is None else group.max(n_rows) - n_rows
 
 
 def _pass_idle(model: Model, filler: dict[str, torch.Tensor] | None, n: int, device: torch.device) -> None:
